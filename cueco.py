@@ -135,13 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args) -> None:
     if args.dataset not in ("cifar10", "cifar100", "stl10", "folder"):
         raise CueCoError(f"unknown data set '{args.dataset}': choose cifar10, cifar100, stl10 or folder")
-    positive = ["batch_size", "width", "dim", "queue_size", "num_clusters", "bn_splits", "log_every",
-                "tsne_points"]
+    positive = ["batch_size", "width", "dim", "queue_size", "num_clusters", "bn_splits", "log_every"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise CueCoError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["epochs", "limit_train", "limit_test", "eval_every", "num_workers", "clu_warmup",
-                 "image_size"]:
+                 "image_size", "tsne_points"]:
         if getattr(args, name) < 0:
             raise CueCoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ["lr", "temperature", "clu_temperature", "sinkhorn_eps", "memory_gb"]:
@@ -312,12 +311,16 @@ def scan_folder(root: str, split: str) -> tuple:
     if not os.path.isdir(path):
         raise CueCoError(f"data folder {path} does not exist (--dataset folder needs train/ and test/ "
                          f"folders of class folders, as torchvision's ImageFolder reads)")
+    empty = CueCoError(f"data folder {path} holds no images (expected class folders of images, such as "
+                       f"{path}/cat/0001.png)")
+    if not any(e.is_dir() for e in os.scandir(path)):
+        raise empty
     try:
         folder = torchvision.datasets.ImageFolder(path, allow_empty=True)
     except Exception as e:
         raise CueCoError(f"cannot read data folder {path}: {e}") from None
     if len(folder.samples) == 0:
-        raise CueCoError(f"data folder {path} holds no images")
+        raise empty
     return folder.samples, folder.classes
 
 
@@ -333,12 +336,12 @@ def load_torchvision_set(name: str, root: str):
             return to_t[0], to_t[1], ys[1], to_t[2], ys[2], splits[1].classes
         tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
     except Exception as e:
-        files = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz",
-                 "stl10": "stl10_binary.tar.gz"}[name]
-        raise CueCoError(f"could not load or download {name} into {root} ({type(e).__name__}: {e}); "
-                         f"without internet, put {files} (https://www.cs.toronto.edu/~kriz/cifar.html or "
-                         f"https://cs.stanford.edu/~acoates/stl10/) into {root} by hand, or use "
-                         f"--dataset folder") from None
+        file, url = {"cifar10": ("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar.html"),
+                     "cifar100": ("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar.html"),
+                     "stl10": ("stl10_binary.tar.gz", "https://cs.stanford.edu/~acoates/stl10/")}[name]
+        raise CueCoError(f"could not load or download {name} into {root} ({type(e).__name__}: "
+                         f"{str(e)[:100]}); without internet, download {file} from {url} elsewhere and "
+                         f"put it into {root} by hand, or use --dataset folder") from None
     x_tr = torch.as_tensor(tr.data).permute(0, 3, 1, 2).contiguous()          # [N, 3, 32, 32] uint8
     x_te = torch.as_tensor(te.data).permute(0, 3, 1, 2).contiguous()
     return x_tr, x_tr, torch.as_tensor(tr.targets), x_te, torch.as_tensor(te.targets), tr.classes
@@ -530,7 +533,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         s = self.num_splits
         if not self.training or s == 1 or n % s:
             return super().forward(x)
-        # fold the groups into the channel axis: [N, C, H, W] -> [N/s, C*s, H, W]
+        # fold the groups into the channel axis: [N, C, H, W] -> [N/s, C*s, H, W]; group j holds the
+        # samples j, j+s, j+2s, ... (strided, which is also how the ranks of a torchrun job share a batch)
         mean_run, var_run = self.running_mean.repeat(s), self.running_var.repeat(s)
         y = F.batch_norm(x.view(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
                          self.bias.repeat(s), True, self.momentum, self.eps).view(n, c, h, w)
@@ -767,10 +771,11 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 200, t: float = 0.1)
 # =====================================================================================================
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 100, batch_size: int = 256,
-                 lr: float = 1e-3, seed: int = 0) -> float:
+                 lr: float = 1e-2, seed: int = 0, min_steps: int = 1000) -> float:
     """Top-1 accuracy (%) of a linear classifier trained on frozen, precomputed backbone features.
     Features are standardised with the training statistics and the layer is trained with AdamW and a
-    cosine schedule. Precomputed features without augmentation make this take seconds; the usual protocol
+    cosine schedule, for `epochs` or at least `min_steps` steps (small data sets need more epochs).
+    Precomputed features without augmentation make this take seconds; the usual protocol
     (augmented images, 100 epochs through the frozen network) typically scores a little higher."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     dev = train_x.device
@@ -782,6 +787,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 100, batch_size
         torch.manual_seed(seed)
         head = nn.Linear(xtr.shape[1], num_classes).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=5e-4)
+    epochs = max(epochs, math.ceil(min_steps / math.ceil(len(xtr) / batch_size)))
     steps = epochs * math.ceil(len(xtr) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(epochs):
@@ -1097,7 +1103,7 @@ def training_views(args, data: Data, epoch: int, device, world: int = 1, rank_: 
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch))  # all ranks
         perm = perm.to(data.train.device)
         for step in range(n // args.batch_size):
-            idx = perm[step * args.batch_size + rank_ * b: step * args.batch_size + (rank_ + 1) * b]
+            idx = perm[step * args.batch_size:(step + 1) * args.batch_size][rank_::world]   # [b]
             x = data.train[idx]                                                      # [b, 3, H, W] uint8
             yield tuple(to_channels_last(augment(x, size, mean, std, g, blur=blur, order_g=order_g),
                                          device) for _ in range(2))
@@ -1350,7 +1356,7 @@ def main(argv=None) -> dict:
     except CueCoError as e:
         # an error raised in a DataLoader worker arrives wrapped in its traceback text: keep the message
         msg = str(e).strip().splitlines()[-1].split("CueCoError: ", 1)[-1]
-        print(f"\ncueco.py: error: {msg}", file=sys.stderr)
+        print(f"{chr(10) if sys.stdout.isatty() else ''}cueco.py: error: {msg}", file=sys.stderr)
         raise SystemExit(130 if msg.startswith("interrupted") else 2) from None
     finally:
         if dist.is_available() and dist.is_initialized():
