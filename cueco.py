@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
       "train/ and test/ for --dataset folder [default: data/<dataset>]")
     a("--image-size", type=int, default=0, help="training resolution; 0 = the data set's own "
       "(32 CIFAR, 96 STL-10, a folder's first image if <= 64 px, else 224)")
+    a("--class-list", default=None, help="text file of class folder names to keep, one per line (e.g. "
+      "the usual ImageNet-100 list); --dataset folder only")
     a("--limit-train", type=int, default=0, help="use N training images, class-balanced (0 = all)")
     a("--limit-test", type=int, default=0, help="use N test images, class-balanced (0 = all)")
     a("--data-path", default="auto", choices=["auto", "memory", "stream", "torchvision"],
@@ -306,7 +308,9 @@ def decode_all(dataset, workers: int, what: str) -> tuple:
     return torch.cat(xs), torch.cat(ys)
 
 
-def scan_folder(root: str, split: str) -> tuple:
+def scan_folder(root: str, split: str, keep: Optional[list] = None) -> tuple:
+    """(path, label) pairs and class names of root/split/<class>/<image>, optionally only the classes
+    named in `keep` (labels renumbered 0..len(keep)-1 in sorted order)."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise CueCoError(f"data folder {path} does not exist (--dataset folder needs train/ and test/ "
@@ -319,9 +323,17 @@ def scan_folder(root: str, split: str) -> tuple:
         folder = torchvision.datasets.ImageFolder(path, allow_empty=True)
     except Exception as e:
         raise CueCoError(f"cannot read data folder {path}: {e}") from None
-    if len(folder.samples) == 0:
+    samples, classes = folder.samples, folder.classes
+    if keep is not None:
+        missing = sorted(set(keep) - set(classes))
+        if missing:
+            raise CueCoError(f"--class-list names classes that {path} does not have: {missing[:5]}")
+        classes = sorted(set(keep))
+        new_label = {folder.class_to_idx[c]: i for i, c in enumerate(classes)}
+        samples = [(p, new_label[y]) for p, y in samples if y in new_label]
+    if len(samples) == 0:
         raise empty
-    return folder.samples, folder.classes
+    return samples, classes
 
 
 def load_torchvision_set(name: str, root: str):
@@ -353,8 +365,15 @@ def load_data(args, log=print) -> Data:
         if not args.data_dir or not os.path.isdir(args.data_dir):
             raise CueCoError(f"--dataset folder needs --data-dir with train/ and test/ image folders "
                              f"(got {args.data_dir!r})")
-        train_s, classes = scan_folder(args.data_dir, "train")
-        test_s, test_classes = scan_folder(args.data_dir, "test")
+        keep = None
+        if args.class_list:
+            try:
+                with open(args.class_list) as f:
+                    keep = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            except OSError as e:
+                raise CueCoError(f"cannot read --class-list {args.class_list}: {e.strerror}") from None
+        train_s, classes = scan_folder(args.data_dir, "train", keep)
+        test_s, test_classes = scan_folder(args.data_dir, "test", keep)
         if test_classes != classes:
             raise CueCoError(f"train/ and test/ in {args.data_dir} have different class folders")
         size = args.image_size
@@ -671,7 +690,10 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     dual variables for every cluster between epochs), is three matrix scalings, and is easy to make global
     with two all-reduces. Its cost is that it forces equal sizes within a batch, which is mild when there
     are more clusters than classes (our default 100 on CIFAR-10)."""
-    Q = torch.exp((scores.float() - scores.float().max()) / eps).t()    # Q: [K, N]
+    top = scores.float().max()
+    if is_distributed():   # one shift for the global batch, or the ranks' columns would be scaled apart
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    Q = torch.exp((scores.float() - top) / eps).t()                     # Q: [K, N]
     n_total = all_reduce_sum(torch.tensor(float(Q.shape[1]), device=Q.device))
     K = Q.shape[0]
     Q /= all_reduce_sum(Q.sum())

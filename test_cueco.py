@@ -539,3 +539,96 @@ def test_features_improve_over_the_untrained_network_on_real_cifar(cifar_dir, tm
     after = cueco.main(common + ["--epochs", "8", "--out", str(tmp_path / "b")])
     print(f"kNN untrained {before['knn']:.1f}% -> trained {after['knn']:.1f}%")
     assert after["knn"] > before["knn"] + 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# several processes (torchrun / gloo on CPU) and ImageNet-size images
+# ----------------------------------------------------------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_views(n=8, size=16):
+    g = torch.Generator().manual_seed(42)
+    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
+
+
+def one_step(model, x1, x2):
+    """Loss and gradients of one CueCo step without shuffling (so BN groups are comparable)."""
+    net = model.encoder_q
+    if cueco.is_distributed():
+        net = torch.nn.parallel.DistributedDataParallel(model.encoder_q)
+    loss, l_con, l_clu, keys, _ = cueco.cueco_loss(model, net, x1, x2, 0.2, 0.1, 0.05, 1.0, shuffle=False)
+    loss.backward()
+    model.enqueue(keys.detach())
+    return loss.detach(), model.encoder_q.C.grad.clone(), model.encoder_q.backbone.stem[0].weight.grad.clone()
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = tiny_model(bn_splits=1, queue_size=64)   # each rank's half of the batch is one BN group
+    x1, x2 = fixed_views()
+    loss, g_c, g_w = one_step(model, x1[rank::world], x2[rank::world])
+    dist.all_reduce(loss)
+    torch.save({"loss": loss / world, "g_c": g_c, "g_w": g_w, "queue": model.queue,
+                "ptr": model.queue_ptr}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single = tiny_model(bn_splits=2, queue_size=64)  # the same 8 images in 2 strided BN groups
+    x1, x2 = fixed_views()
+    loss, g_c, g_w = one_step(single, x1, x2)
+    assert torch.allclose(r0["loss"], loss, atol=1e-5), (r0["loss"], loss)   # global Sinkhorn, same queue
+    for r in (r0, r1):   # DDP averaged the gradients: the same as one process on the whole batch
+        assert torch.allclose(r["g_c"], g_c, atol=1e-5) and torch.allclose(r["g_w"], g_w, atol=1e-5)
+    # both ranks hold the same queue, and it holds keys from both ranks: 2 views x 4 images x 2 ranks
+    assert torch.equal(r0["queue"], r1["queue"]) and r0["ptr"].item() == 16
+    rows = lambda q: sorted(map(tuple, q[:16].round(decimals=4).tolist()))   # noqa: E731
+    assert rows(r0["queue"]) == rows(single.queue)
+
+
+def torchrun(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(free_port()), os.path.join(HERE, "cueco.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def test_torchrun_two_processes_train_and_resume(tmp_path):
+    folder = make_folder(tmp_path / "d", n_per_class=8)
+    out = tmp_path / "run"
+    r = torchrun(tiny_args(folder, out, "--epochs", "1", "--eval-every", "1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("CueCo on folder") == 1          # only rank 0 prints
+    r = torchrun(["--resume", str(out / "checkpoint.pt"), "--epochs", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and "final" in metrics
+
+
+def test_imagenet_size_folder_trains_a_few_steps(tmp_path):
+    folder = make_folder(tmp_path / "d", n_per_class=8, size=64 + 16)
+    for data_path in ("auto", "stream"):
+        final = cueco.main(tiny_args(folder, tmp_path / data_path, "--image-size", "96", "--epochs", "1",
+                                     "--data-path", data_path, "--tsne-points", "0"))
+        assert math.isfinite(final["knn"])
+    model = cueco.ResNet18(width=4, cifar_stem=False)
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 32)
+    assert isinstance(model.stem[-1], torch.nn.MaxPool2d)   # the ImageNet stem: 7x7/2 conv + max-pool
+
+
+def test_class_list_selects_a_subset(tmp_path):
+    folder = make_folder(tmp_path / "d", n_per_class=8, classes=("a", "b", "c"))
+    (tmp_path / "list.txt").write_text("a\nc\n")
+    args = cueco.parse_args(tiny_args(folder, tmp_path, "--class-list", str(tmp_path / "list.txt")))
+    data = cueco.load_data(args, print)
+    assert data.classes == ["a", "c"] and sorted(data.bank_y.unique().tolist()) == [0, 1]
