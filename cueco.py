@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=0.06, help="SGD learning rate for batch 512 (scaled linearly)")
     a("--weight-decay", type=float, default=5e-4)
     a("--compile", action="store_true", help="torch.compile the query network")
+    a("--benchmark", type=int, default=0, metavar="STEPS", help="only time STEPS training steps of the "
+      "memory and torchvision data paths (images/s, data share of a step) and exit")
     # evaluation and output
     a("--eval-every", type=int, default=10, help="kNN monitor every N epochs (0 = only at the end)")
     a("--tsne-points", type=int, default=2000, help="test points in the t-SNE figure")
@@ -554,9 +556,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         # fold the groups into the channel axis: [N, C, H, W] -> [N/s, C*s, H, W]; group j holds the
         # samples j, j+s, j+2s, ... (strided, which is also how the ranks of a torchrun job share a batch)
+        # (reshape, not view: a channels_last tensor cannot be regrouped without a copy)
         mean_run, var_run = self.running_mean.repeat(s), self.running_var.repeat(s)
-        y = F.batch_norm(x.view(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
-                         self.bias.repeat(s), True, self.momentum, self.eps).view(n, c, h, w)
+        y = F.batch_norm(x.reshape(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
+                         self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
         with torch.no_grad():   # the s groups' running statistics are averaged into one
             self.running_mean.copy_(mean_run.view(s, c).mean(0))
             self.running_var.copy_(var_run.view(s, c).mean(0))
@@ -622,8 +625,10 @@ class Encoder(nn.Module):
         self.C = nn.Parameter(F.normalize(torch.randn(num_clusters, dim), dim=1))        # [K_c, D]
 
     def forward(self, x):
-        z = F.normalize(self.projector(self.backbone(x)).float(), dim=1)                 # z: [N, D]
-        s = z @ F.normalize(self.C, dim=1).t()                                           # s: [N, K_c]
+        h = self.projector(self.backbone(x))                                             # h: [N, D]
+        with torch.autocast(x.device.type, enabled=False):   # similarities in float32, not bf16
+            z = F.normalize(h.float(), dim=1)                                            # z: [N, D]
+            s = z @ F.normalize(self.C.float(), dim=1).t()                               # s: [N, K_c]
         return z, s
 
 
@@ -723,8 +728,9 @@ def cueco_loss(model: CueCo, net_q: nn.Module, x1: torch.Tensor, x2: torch.Tenso
     k1, sk1 = model.keys(x1, shuffle)                                   # k: [N, D], no gradient
     k2, sk2 = model.keys(x2, shuffle)
     queue = model.queue.clone().detach()                                # [K, D]
-    l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)
-    l_clu = clustering_loss(s1, sk2, tau, eps) + clustering_loss(s2, sk1, tau, eps)
+    with torch.autocast(x1.device.type, enabled=False):   # the logits / T need float32 precision
+        l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)
+        l_clu = clustering_loss(s1, sk2, tau, eps) + clustering_loss(s2, sk1, tau, eps)
     shares = F.one_hot(s1.argmax(1), s1.shape[1]).float().mean(0)       # shares: [K_c]
     return l_con + lam * l_clu, l_con.detach(), l_clu.detach(), torch.cat([k1, k2]), shares
 
@@ -1161,6 +1167,56 @@ def make_optimizer(model: CueCo, args):
                            lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
+def benchmark(args, data: Data, device, steps: int, log=print) -> dict:
+    """Images/s (an image = both its views) of full training steps on the memory path and on the classic
+    per-image torchvision path, and the share of a step spent making the views. Timing waits for the
+    GPU only at the ends of a timed stretch."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {}
+    for path in ("memory", "torchvision"):
+        args.data_path = path
+        torch.manual_seed(args.seed)
+        model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
+                      args.bn_splits).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        net_q = torch.compile(model.encoder_q) if args.compile else model.encoder_q
+        opt = make_optimizer(model, args)
+        views = training_views(args, data, 1, device)
+        times = {}
+        for phase in ("train", "data"):
+            for i in range(3 + steps):          # 3 warm-up steps (compilation, allocator, workers)
+                if i == 3:
+                    sync()
+                    t0 = time.time()
+                x1, x2 = next(views, (None, None))
+                if x1 is None:
+                    views = training_views(args, data, 2, device)
+                    x1, x2 = next(views)
+                if phase == "train":
+                    with autocast(device):
+                        loss, _, _, keys, _ = cueco_loss(model, net_q, x1, x2, args.temperature,
+                                                         args.clu_temperature, args.sinkhorn_eps,
+                                                         args.lambda_clu)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    model.momentum_update(args.momentum)
+                    model.enqueue(keys)
+            sync()
+            times[phase] = (time.time() - t0) / steps
+        ips = args.batch_size / times["train"]
+        results[path] = {"img_per_s": ips, "seconds_per_epoch": len(data.train) / ips,
+                         "data_share": min(1.0, times["data"] / times["train"])}
+        if device.type == "cuda":
+            results[path]["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        log(f"{path:>11} path: {ips:8.0f} img/s, {len(data.train) / ips:7.1f} s per epoch of "
+            f"{len(data.train)} images, making the views takes {100 * results[path]['data_share']:.0f}% "
+            f"of a step")
+    log(f"memory path / torchvision path: {results['memory']['img_per_s'] / results['torchvision']['img_per_s']:.2f}x")
+    return results
+
+
 def format_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -1235,6 +1291,13 @@ def train(args, model: CueCo, data: Data, device, optimizer, history: list, star
 # 13. Evaluation and main
 # =====================================================================================================
 
+def data_name(args) -> str:
+    """Names figures: the data set, or for a folder the folder's own name (e.g. cifar10-jpeg)."""
+    if args.dataset != "folder":
+        return args.dataset
+    return os.path.basename(os.path.normpath(args.data_dir)) or "folder"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1278,8 +1341,8 @@ def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=p
         t0 = time.time()
         emb = tsne(f_test[idx], seed=args.seed)                                 # emb: [n, 2]
         os.makedirs(args.figures_dir, exist_ok=True)
-        path = os.path.join(args.figures_dir, f"tsne_{args.dataset}.png")
-        title = (f"CueCo {args.dataset}, epoch {args.epochs}: kNN {res['knn']:.1f}%, "
+        path = os.path.join(args.figures_dir, f"tsne_{data_name(args)}.png")
+        title = (f"CueCo on {data_name(args)}, epoch {args.epochs}: kNN {res['knn']:.1f}%, "
                  f"NMI {res['nmi']:.3f}, ACC {res['acc']:.3f} (t-SNE of {len(idx)} test images)")
         plot_tsne(emb, data.test_y[idx.cpu()], clusters[idx].cpu(), data.classes, path, title)
         log(f"t-SNE of {len(idx)} points in {time.time() - t0:.1f}s -> {path}")
@@ -1307,6 +1370,14 @@ def run(argv=None) -> dict:
     if args.epochs > 0 and len(data.train) < args.batch_size:
         raise CueCoError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.train)} images)")
+    if args.benchmark:
+        if not isinstance(data.train, torch.Tensor):
+            raise CueCoError("--benchmark needs a training set that fits in memory (--memory-gb)")
+        data.train = data.train.to(device)
+        log(f"benchmark: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+            f"torch {torch.__version__}, width {args.width}, batch {args.batch_size}, "
+            f"{args.num_workers} workers{', compiled' if args.compile else ''}")
+        return benchmark(args, data, device, args.benchmark, log)
     if isinstance(data.train, torch.Tensor) and args.data_path != "torchvision":
         data.train = data.train.to(device)   # the memory path: the whole training set on the device
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size,
@@ -1362,8 +1433,9 @@ def run(argv=None) -> dict:
     final = evaluate(args, model, data, device, log=log)
     if history:
         os.makedirs(args.figures_dir, exist_ok=True)
-        plot_curves(history, os.path.join(args.figures_dir, f"curves_{args.dataset}.png"),
-                    f"CueCo {args.dataset} (lambda_clu={args.lambda_clu}, {args.num_clusters} clusters)")
+        plot_curves(history, os.path.join(args.figures_dir, f"curves_{data_name(args)}.png"),
+                    f"CueCo on {data_name(args)} (lambda_clu={args.lambda_clu}, {args.num_clusters} "
+                    f"clusters, width {args.width})")
     write_json(metrics_path, {"args": vars(args), "epochs": history, "final": final})
     log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in final.items()))

@@ -209,10 +209,8 @@ def test_crop_boxes_follow_torchvision_distribution():
     aspect_ours = ours[:, 3] / ours[:, 2]
     img = torch.zeros(3, 32, 32)
     torch.manual_seed(0)
-    ref = torch.tensor([T.RandomResizedCrop(32, scale=(0.2, 1.0)).make_params([img])["height"]
-                        for _ in range(1)])  # warm the API; the loop below draws
     boxes = []
-    crop = T.RandomResizedCrop(32, scale=(0.2, 1.0))
+    crop = T.RandomResizedCrop(32, scale=(0.2, 1.0))   # torchvision's own sampler, one box at a time
     for _ in range(n):
         p = crop.make_params([img])
         boxes.append((p["top"], p["left"], p["height"], p["width"]))
@@ -476,7 +474,7 @@ def test_resume_continues_without_losing_or_repeating_epochs(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
     assert metrics["args"]["width"] == 4 and set(final) >= {"knn", "linear", "nmi", "ari", "acc"}
-    assert os.path.isfile(out / "fig" / "tsne_folder.png") and os.path.isfile(out / "fig" / "curves_folder.png")
+    assert os.path.isfile(out / "fig" / "tsne_d.png") and os.path.isfile(out / "fig" / "curves_d.png")
 
 
 def test_ctrl_c_saves_and_resume_finishes_the_same_run(tmp_path):
