@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -99,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lambda-clu", type=float, default=1.0, help="weight of the clustering loss; 0 = MoCo-v2")
     a("--clu-temperature", type=float, default=0.1, help="tau of the clustering softmax (our choice)")
     a("--sinkhorn-eps", type=float, default=0.05, help="entropy of the balanced assignment (our choice)")
-    a("--clu-warmup", type=int, default=0, help="epochs over which lambda ramps up linearly from 0")
+    a("--clu-warmup", type=float, default=0.5, help="fraction of the epochs over which lambda ramps up "
+      "linearly from 0 (our choice: the clustering targets mean little before the features do)")
     # optimisation
     a("--epochs", type=int, default=800, help="training epochs (0 = evaluate the untrained network)")
     a("--batch-size", type=int, default=512, help="global batch size")
@@ -143,8 +143,8 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise CueCoError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["epochs", "limit_train", "limit_test", "eval_every", "num_workers", "clu_warmup",
-                 "image_size", "tsne_points"]:
+    for name in ["epochs", "limit_train", "limit_test", "eval_every", "num_workers", "image_size",
+                 "tsne_points"]:
         if getattr(args, name) < 0:
             raise CueCoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ["lr", "temperature", "clu_temperature", "sinkhorn_eps", "memory_gb"]:
@@ -152,6 +152,8 @@ def check_args(args) -> None:
             raise CueCoError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.lambda_clu < 0 or args.weight_decay < 0:
         raise CueCoError("--lambda-clu and --weight-decay must be >= 0")
+    if not 0 <= args.clu_warmup <= 1:
+        raise CueCoError(f"--clu-warmup is a fraction of the epochs, in [0, 1], got {args.clu_warmup}")
     if not 0 <= args.momentum < 1:
         raise CueCoError(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.queue_size < 2 * args.batch_size:
@@ -316,7 +318,7 @@ def scan_folder(root: str, split: str, keep: Optional[list] = None) -> tuple:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise CueCoError(f"data folder {path} does not exist (--dataset folder needs train/ and test/ "
-                         f"folders of class folders, as torchvision's ImageFolder reads)")
+                         f"(or val/) folders of class folders, as torchvision's ImageFolder reads)")
     empty = CueCoError(f"data folder {path} holds no images (expected class folders of images, such as "
                        f"{path}/cat/0001.png)")
     if not any(e.is_dir() for e in os.scandir(path)):
@@ -375,7 +377,9 @@ def load_data(args, log=print) -> Data:
             except OSError as e:
                 raise CueCoError(f"cannot read --class-list {args.class_list}: {e.strerror}") from None
         train_s, classes = scan_folder(args.data_dir, "train", keep)
-        test_s, test_classes = scan_folder(args.data_dir, "test", keep)
+        test_split = "test" if os.path.isdir(os.path.join(args.data_dir, "test")) or not \
+            os.path.isdir(os.path.join(args.data_dir, "val")) else "val"   # ImageNet calls it val/
+        test_s, test_classes = scan_folder(args.data_dir, test_split, keep)
         if test_classes != classes:
             raise CueCoError(f"train/ and test/ in {args.data_dir} have different class folders")
         size = args.image_size
@@ -498,7 +502,7 @@ def augment(x: torch.Tensor, size: int, mean, std, g: torch.Generator, crop: boo
                                             dev).unbind(1)                            # each [B]
         flip = (u(b) < 0.5).float() * 2 - 1                                          # -1 = mirrored
         theta = torch.zeros(b, 2, 3, device=dev)                                      # [B, 2, 3]
-        theta[:, 0, 0] = w / x.shape[3] * -flip
+        theta[:, 0, 0] = w / x.shape[3] * flip
         theta[:, 0, 2] = (2 * left + w) / x.shape[3] - 1
         theta[:, 1, 1] = h / x.shape[2]
         theta[:, 1, 2] = (2 * top + h) / x.shape[2] - 1
@@ -1055,10 +1059,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every rank (rank order); x itself when single-process."""
     if not is_distributed():
@@ -1155,6 +1155,14 @@ def training_views(args, data: Data, epoch: int, device, world: int = 1, rank_: 
         yield to_channels_last(v1, device), to_channels_last(v2, device)
 
 
+def clustering_weight(lam: float, epoch: int, epochs: int, warmup: float) -> float:
+    """lambda of epoch `epoch` (1-based): a linear ramp from 0 over the first `warmup` fraction of the
+    epochs, then constant. Our choice, from the CPU evidence in the README: at the start the features,
+    and so the cluster assignments, are noise, and pulling queries towards noisy clusters hurts."""
+    warm = warmup * epochs
+    return lam * min(1.0, epoch / warm) if warm > 0 else lam
+
+
 def cosine_lr(base_lr: float, step: int, total: int) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
@@ -1242,7 +1250,7 @@ def train(args, model: CueCo, data: Data, device, optimizer, history: list, star
     done_steps, t_start = 0, time.time()
     for epoch in range(start_epoch + 1, args.epochs + 1):
         model.train()
-        lam = args.lambda_clu * min(1.0, epoch / args.clu_warmup) if args.clu_warmup else args.lambda_clu
+        lam = clustering_weight(args.lambda_clu, epoch, args.epochs, args.clu_warmup)
         sums = torch.zeros(4, device=device)   # loss, contrastive, clustering, largest cluster share
         t0 = time.time()
         if device.type == "cuda":
@@ -1312,10 +1320,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def balanced_first(labels: torch.Tensor, n: int) -> torch.Tensor:
-    return balanced_subset(labels, n, seed=0)
-
-
 @torch.no_grad()
 def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=print) -> dict:
     """kNN, linear probe and k-means clustering metrics on frozen backbone features, plus the t-SNE
@@ -1337,7 +1341,7 @@ def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=p
     counts = torch.bincount(clusters, minlength=len(data.classes))
     res["largest_kmeans_cluster"] = counts.max().item() / len(clusters)
     if figures and args.tsne_points > 0:
-        idx = balanced_first(data.test_y, min(args.tsne_points, len(f_test))).to(device)
+        idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0).to(device)
         t0 = time.time()
         emb = tsne(f_test[idx], seed=args.seed)                                 # emb: [n, 2]
         os.makedirs(args.figures_dir, exist_ok=True)

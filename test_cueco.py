@@ -137,6 +137,12 @@ def test_lambda_zero_is_plain_moco_no_clustering_gradient():
     assert model.encoder_q.C.grad.abs().max() == 0
 
 
+def test_clustering_weight_ramps_up_then_stays():
+    assert [cueco.clustering_weight(1.0, e, 10, 0.5) for e in range(1, 11)] == \
+        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert cueco.clustering_weight(0.5, 1, 10, 0.0) == 0.5 and cueco.clustering_weight(0.0, 3, 10, 0.5) == 0
+
+
 def test_momentum_update_matches_closed_form():
     model = tiny_model()
     with torch.no_grad():
@@ -414,6 +420,7 @@ def test_resume_rejects_files_that_are_not_our_checkpoints(tmp_path, capsys, con
     (["--lr", "0"], "--lr must be > 0"),
     (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
     (["--queue-size", "100"], "--queue-size"),
+    (["--clu-warmup", "2"], "--clu-warmup is a fraction"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/x"], "--dataset folder needs --data-dir"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
     (["--device", "banana"], "unknown --device"),
@@ -630,3 +637,11 @@ def test_class_list_selects_a_subset(tmp_path):
     args = cueco.parse_args(tiny_args(folder, tmp_path, "--class-list", str(tmp_path / "list.txt")))
     data = cueco.load_data(args, print)
     assert data.classes == ["a", "c"] and sorted(data.bank_y.unique().tolist()) == [0, 1]
+
+
+def test_benchmark_times_both_data_paths(tmp_path):
+    folder = make_folder(tmp_path / "d", n_per_class=8)
+    res = cueco.main(tiny_args(folder, tmp_path / "r", "--benchmark", "2"))
+    assert set(res) == {"memory", "torchvision"}
+    for r in res.values():
+        assert r["img_per_s"] > 0 and 0 <= r["data_share"] <= 1
