@@ -13,7 +13,8 @@ features without labels by optimising two objectives at once on a MoCo-style que
   unit sphere, assigns each key to clusters under an equal-size constraint (Sinkhorn-Knopp), and asks
   the query of the other view to predict that assignment:
       L_clu = -sum_c Q(k)_c log softmax(q.C / tau)_c
-  total loss = L_con + lambda * L_clu, symmetrised over the two views. lambda = 0 is plain MoCo-v2.
+  total loss = L_con + lambda * L_clu, symmetrised over the two views, with lambda ramped up from 0
+  over the first half of training (our choice, from measurements). lambda = 0 is plain MoCo-v2.
 
 The key network is never trained by gradients: it is an exponential moving average of the query network,
 theta_k <- m theta_k + (1 - m) theta_q, which keeps the keys in the queue consistent with each other.
@@ -930,13 +931,23 @@ def cluster_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
     expected = s_a * s_b / pairs if pairs else 0.0
     max_index = (s_a + s_b) / 2
     ari = 1.0 if max_index == expected else ((s_ij - expected) / (max_index - expected)).item()
-    # ACC: the best one-to-one map from clusters to classes (Hungarian on the negated contingency)
-    size = max(cont.shape)
-    square = torch.zeros(size, size, dtype=torch.float64)
-    square[:cont.shape[0], :cont.shape[1]] = cont
-    col = hungarian((-square).tolist())
-    acc = sum(square[i, col[i]].item() for i in range(size)) / n
+    # ACC: accuracy after the best one-to-one map from clusters to classes
+    acc = (match_clusters(pred, target) == target).double().mean().item()
     return {"nmi": float(nmi), "ari": float(ari), "acc": float(acc)}
+
+
+def match_clusters(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relabel each cluster as the class it is matched to by the best one-to-one map (Hungarian on the
+    negated contingency table); clusters left without a class get negative labels. [N] -> [N]"""
+    pred, target = pred.long().cpu(), target.long().cpu()
+    p_vals, p = pred.unique(return_inverse=True)
+    t_vals, t = target.unique(return_inverse=True)
+    size = max(len(p_vals), len(t_vals))
+    cont = torch.zeros(size, size, dtype=torch.float64)                             # [P, T], padded
+    cont.index_put_((p, t), torch.ones(len(p), dtype=torch.float64), accumulate=True)
+    col = hungarian((-cont).tolist())                                               # cluster -> class
+    label = torch.tensor([t_vals[c].item() if c < len(t_vals) else -1 - i for i, c in enumerate(col)])
+    return label[p]
 
 
 # =====================================================================================================
@@ -1002,9 +1013,11 @@ def plot_tsne(y: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor, cla
     fig = Figure(figsize=(13, 6.2), dpi=110)
     axes = fig.subplots(1, 2)
     y = y.cpu()
-    for ax, lab, name in [(axes[0], labels.cpu(), "true class"), (axes[1], clusters.cpu(), "k-means")]:
-        cmap = "tab10" if int(lab.max()) < 10 else "tab20"
-        sc = ax.scatter(y[:, 0], y[:, 1], c=lab, cmap=cmap, s=4, alpha=0.8, linewidths=0)
+    for ax, lab, name in [(axes[0], labels.cpu(), "true class"),
+                          (axes[1], clusters.cpu(), "k-means cluster (colour of its matched class)")]:
+        cmap = "tab10" if len(classes) <= 10 else "tab20"
+        sc = ax.scatter(y[:, 0], y[:, 1], c=lab.clamp_min(0), cmap=cmap, s=4, alpha=0.8, linewidths=0,
+                        vmin=0, vmax=max(len(classes), 10) - 1)
         ax.set_title(f"coloured by {name}")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -1348,7 +1361,8 @@ def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=p
         path = os.path.join(args.figures_dir, f"tsne_{data_name(args)}.png")
         title = (f"CueCo on {data_name(args)}, epoch {args.epochs}: kNN {res['knn']:.1f}%, "
                  f"NMI {res['nmi']:.3f}, ACC {res['acc']:.3f} (t-SNE of {len(idx)} test images)")
-        plot_tsne(emb, data.test_y[idx.cpu()], clusters[idx].cpu(), data.classes, path, title)
+        matched = match_clusters(clusters, data.test_y)   # a cluster takes its matched class's colour
+        plot_tsne(emb, data.test_y[idx.cpu()], matched[idx.cpu()], data.classes, path, title)
         log(f"t-SNE of {len(idx)} points in {time.time() - t0:.1f}s -> {path}")
     return res
 

@@ -285,6 +285,7 @@ def test_cluster_metrics_worked_example():
 def test_cluster_metrics_perfect_permuted_and_random():
     y = torch.arange(30) % 3
     assert cueco.cluster_metrics((y + 1) % 3 + 7, y) == {"nmi": 1.0, "ari": 1.0, "acc": 1.0}
+    assert torch.equal(cueco.match_clusters((y + 1) % 3 + 7, y), y)   # clusters renamed as their classes
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         p, t = torch.randint(0, 4, (9,), generator=g), torch.randint(0, 3, (9,), generator=g)
