@@ -1319,6 +1319,10 @@ def data_name(args) -> str:
     return os.path.basename(os.path.normpath(args.data_dir)) or "folder"
 
 
+def method_name(args) -> str:
+    return "MoCo-v2 (lambda_clu 0)" if args.lambda_clu == 0 else "CueCo"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1359,7 +1363,7 @@ def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=p
         emb = tsne(f_test[idx], seed=args.seed)                                 # emb: [n, 2]
         os.makedirs(args.figures_dir, exist_ok=True)
         path = os.path.join(args.figures_dir, f"tsne_{data_name(args)}.png")
-        title = (f"CueCo on {data_name(args)}, epoch {args.epochs}: kNN {res['knn']:.1f}%, "
+        title = (f"{method_name(args)} on {data_name(args)}, epoch {args.epochs}: kNN {res['knn']:.1f}%, "
                  f"NMI {res['nmi']:.3f}, ACC {res['acc']:.3f} (t-SNE of {len(idx)} test images)")
         matched = match_clusters(clusters, data.test_y)   # a cluster takes its matched class's colour
         plot_tsne(emb, data.test_y[idx.cpu()], matched[idx.cpu()], data.classes, path, title)
@@ -1452,8 +1456,8 @@ def run(argv=None) -> dict:
     if history:
         os.makedirs(args.figures_dir, exist_ok=True)
         plot_curves(history, os.path.join(args.figures_dir, f"curves_{data_name(args)}.png"),
-                    f"CueCo on {data_name(args)} (lambda_clu={args.lambda_clu}, {args.num_clusters} "
-                    f"clusters, width {args.width})")
+                    f"{method_name(args)} on {data_name(args)} (lambda_clu {args.lambda_clu}, warm-up "
+                    f"{args.clu_warmup}, {args.num_clusters} clusters, width {args.width})")
     write_json(metrics_path, {"args": vars(args), "epochs": history, "final": final})
     log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in final.items()))
