@@ -39,7 +39,10 @@ def cifar_dir(tmp_path_factory):
         pytest.skip(f"real CIFAR-10 copy not found at {SHARED_CIFAR}")
     out = tmp_path_factory.mktemp("cifar")
     with tarfile.open(SHARED_CIFAR) as tar:
-        tar.extractall(out, filter="data")
+        if hasattr(tarfile, "data_filter"):   # Python 3.12+ (and recent 3.8-3.11): safe extraction
+            tar.extractall(out, filter="data")
+        else:
+            tar.extractall(out)
     return str(out)
 
 
