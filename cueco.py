@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=20, help="steps between progress updates")
-    a("--out", default=None, help="checkpoint.pt and metrics.json go here [default: runs/<dataset>]")
+    a("--out", default=None, help="checkpoint.pt and metrics.json go here [default: runs/<data set or "
+      "folder name>]")
     a("--figures-dir", default="figures")
     a("--resume", default=None, help="checkpoint.pt to continue from (its settings are the defaults)")
     return p
@@ -137,9 +138,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**known)
         args = parser.parse_args(argv)
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
-    args.out = args.out or os.path.join("runs", args.dataset)
+    args.out = args.out or os.path.join("runs", data_name(args))
     check_args(args)
     return args
+
+
+def data_name(args) -> str:
+    """Names figures: the data set, or for a folder the folder's own name (e.g. cifar10-jpeg)."""
+    if args.dataset != "folder":
+        return args.dataset
+    return os.path.basename(os.path.normpath(args.data_dir)) or "folder"
+
+
+def method_name(args) -> str:
+    return "MoCo-v2 (lambda_clu 0)" if args.lambda_clu == 0 else "CueCo"
 
 
 def check_args(args) -> None:
@@ -1316,17 +1328,6 @@ def train(args, model: CueCo, data: Data, device, optimizer, history: list, star
 # =====================================================================================================
 # 13. Evaluation and main
 # =====================================================================================================
-
-def data_name(args) -> str:
-    """Names figures: the data set, or for a folder the folder's own name (e.g. cifar10-jpeg)."""
-    if args.dataset != "folder":
-        return args.dataset
-    return os.path.basename(os.path.normpath(args.data_dir)) or "folder"
-
-
-def method_name(args) -> str:
-    return "MoCo-v2 (lambda_clu 0)" if args.lambda_clu == 0 else "CueCo"
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
