@@ -808,6 +808,13 @@ def knn_predict(train_x, train_y, test_x, k: int = 200, t: float = 0.1, num_clas
     return torch.cat(preds)
 
 
+def bank_and_test_features(backbone: nn.Module, data, device, workers: int = 0):
+    """Features of the labelled bank (kNN memory, probe training set) and of the test set."""
+    mean, std = norm_stats(data.image_size)
+    return tuple(extract_features(backbone, images, mean, std, device, workers=workers)
+                 for images in (data.bank, data.test))                     # [N_bank, F], [N_test, F]
+
+
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 200, t: float = 0.1) -> float:
     """Top-1 accuracy (%) of the weighted kNN classifier."""
     train_y, test_y = train_y.to(train_x.device), test_y.to(train_x.device)
@@ -1260,8 +1267,7 @@ def format_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(args, model: CueCo, data: Data, device, optimizer, history: list, start_epoch: int,
-          on_epoch_end, log=print):
+def train(args, model: CueCo, data: Data, device, optimizer, start_epoch: int, on_epoch_end):
     """The training loop: for each step, lr -> forward -> loss -> backward -> step -> momentum update ->
     enqueue -> log. Statistics stay on the device and are read every --log-every steps only: reading a
     GPU value each step would stall the GPU queue."""
@@ -1305,12 +1311,15 @@ def train(args, model: CueCo, data: Data, device, optimizer, history: list, star
                     raise CueCoError(f"the loss became NaN/inf in epoch {epoch} (step {step + 1}); the "
                                      f"last good checkpoint (epoch {epoch - 1}) is kept in {args.out}; "
                                      f"try a lower --lr")
-                ips = done_steps * args.batch_size / (time.time() - t_start)
-                left = (total - (epoch - 1) * steps - step - 1) * args.batch_size / ips
+                ips = (step + 1) * args.batch_size / (time.time() - t0)        # this epoch's speed
+                per_step = (time.time() - t_start) / done_steps                   # evaluation included
+                left = (total - (epoch - 1) * steps - step - 1) * per_step
+                mem = (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB"
+                       if device.type == "cuda" else "")
                 if rnk == 0:
                     line = (f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {avg[0]:.3f} "
                             f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} "
-                            f"| {ips:.0f} img/s | {format_time(left)} left")
+                            f"| {ips:.0f} img/s{mem} | {format_time(left)} left")
                     print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
         if tty and rnk == 0:
             print()
@@ -1322,7 +1331,6 @@ def train(args, model: CueCo, data: Data, device, optimizer, history: list, star
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         on_epoch_end(epoch, record)
-    return history
 
 
 # =====================================================================================================
@@ -1347,10 +1355,7 @@ def resolve_device(name: str) -> torch.device:
 def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=print) -> dict:
     """kNN, linear probe and k-means clustering metrics on frozen backbone features, plus the t-SNE
     figure. CIFAR-100 is also scored against its 20 superclasses (suffix 20)."""
-    mean, std = norm_stats(data.image_size)
-    backbone = model.encoder_q.backbone
-    f_bank = extract_features(backbone, data.bank, mean, std, device, workers=args.num_workers)
-    f_test = extract_features(backbone, data.test, mean, std, device, workers=args.num_workers)
+    f_bank, f_test = bank_and_test_features(model.encoder_q.backbone, data, device, args.num_workers)
     y_bank, y_test = data.bank_y.to(device), data.test_y.to(device)
     res = {"knn": knn_accuracy(f_bank, y_bank, f_test, y_test)}
     with torch.enable_grad():
@@ -1377,17 +1382,23 @@ def evaluate(args, model: CueCo, data: Data, device, figures: bool = True, log=p
     return res
 
 
+def setup_distributed(device: torch.device):
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU (NCCL) or per CPU worker (gloo). Returns
+    this process's device, the number of processes and this process's rank; (device, 1, 0) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 1, 0
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_world_size(), dist.get_rank()
+
+
 def run(argv=None) -> dict:
+    """Load, build (or resume), train, evaluate, draw; returns the final metrics (rank 0)."""
     args = parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = resolve_device(args.device)
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    world, rnk = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
+    device, world, rnk = setup_distributed(resolve_device(args.device))
     log = print if rnk == 0 else (lambda *a, **k: None)
     if args.batch_size % world or (args.batch_size // world) % max(1, args.bn_splits // world):
         raise CueCoError(f"--batch-size {args.batch_size} must split evenly over {world} processes and "
@@ -1427,19 +1438,16 @@ def run(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.json")
     n_params = sum(p.numel() for p in model.encoder_q.parameters()) / 1e6
-    log(f"CueCo on {args.dataset}: {len(data.train)} training images at {data.image_size}px, "
+    log(f"{method_name(args)} on {data_name(args)}: {len(data.train)} training images at {data.image_size}px, "
         f"{len(data.test_y)} test images, ResNet-18 width {args.width} ({n_params:.1f}M parameters), "
         f"device {device}{f' x {world} processes' if world > 1 else ''}, data path "
         f"{'memory' if isinstance(data.train, torch.Tensor) and args.data_path != 'torchvision' else args.data_path}")
-    mean, std = norm_stats(data.image_size)
 
-    def on_epoch_end(epoch, record):
+    def on_epoch_end(epoch, record):   # rank 0: kNN monitor, history, checkpoint, metrics.json
         if rnk == 0:
             if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.epochs):
-                f_bank = extract_features(model.encoder_q.backbone, data.bank, mean, std, device,
-                                          workers=args.num_workers)
-                f_test = extract_features(model.encoder_q.backbone, data.test, mean, std, device,
-                                          workers=args.num_workers)
+                f_bank, f_test = bank_and_test_features(model.encoder_q.backbone, data, device,
+                                                        args.num_workers)
                 record["knn"] = knn_accuracy(f_bank, data.bank_y.to(device), f_test, data.test_y)
                 log(f"epoch {epoch}: kNN top-1 {record['knn']:.2f}%  ({record['seconds']:.1f}s, "
                     f"{record['img_per_s']:.0f} img/s)")
@@ -1451,7 +1459,7 @@ def run(argv=None) -> dict:
             dist.barrier()
 
     try:
-        train(args, model, data, device, optimizer, history, start_epoch, on_epoch_end, log)
+        train(args, model, data, device, optimizer, start_epoch, on_epoch_end)
     except KeyboardInterrupt:
         done = history[-1]["epoch"] if history else start_epoch
         raise CueCoError(f"interrupted; the checkpoint of epoch {done} is saved in {ckpt_path}; continue "

@@ -617,7 +617,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     out = tmp_path / "run"
     r = torchrun(tiny_args(folder, out, "--epochs", "1", "--eval-every", "1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("CueCo on folder") == 1          # only rank 0 prints
+    assert r.stdout.count("CueCo on d:") == 1              # only rank 0 prints
     r = torchrun(["--resume", str(out / "checkpoint.pt"), "--epochs", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
