@@ -34,9 +34,10 @@ Several GPUs:
     torchrun --nproc_per_node=4 cueco.py --dataset folder --data-dir imagenet100 --image-size 224
 
 Results measured so far (README: commands, machine, seeds, and the paper's numbers in their own column):
-  laptop recipe above on the JPEG CIFAR-10 copy, 2 CPU cores, 7 minutes a run, two seeds:
-      CueCo   kNN 39.7%  linear 44.0%  NMI 0.143  ARI 0.073  ACC 0.254
-      MoCo-v2 kNN 38.6%  linear 42.6%  NMI 0.141  ARI 0.073  ACC 0.263   (--lambda-clu 0)
+  laptop recipe above on the JPEG CIFAR-10 copy, 2 CPU cores, 7 minutes a run, mean of three seeds:
+      CueCo   kNN 39.4%  linear 44.4%  NMI 0.143  ARI 0.072  ACC 0.257
+      MoCo-v2 kNN 38.5%  linear 43.1%  NMI 0.143  ARI 0.074  ACC 0.259   (--lambda-clu 0)
+      untrained network: kNN 25.0%, linear 34.7%
   Paper (ResNet-18, linear): 91.40% CIFAR-10, 68.56% CIFAR-100, 78.65% ImageNet-100; not reproduced here,
   since no GPU was available to measure the full schedule.
 
