@@ -258,12 +258,11 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def read_image(path: str):
-    from PIL import Image   # PIL comes with torchvision
+    """An image file (JPEG, PNG, ...) -> an RGB image, read by torchvision's own ImageFolder loader."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return torchvision.datasets.folder.default_loader(path)
     except Exception as e:
-        raise CueCoError(f"cannot read image {path}: {e}") from None
+        raise CueCoError(f"cannot read image {path}: {str(e).splitlines()[0][:100]}") from None
 
 
 class ImageFiles(torch.utils.data.Dataset):

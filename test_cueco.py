@@ -48,14 +48,14 @@ def cifar_dir(tmp_path_factory):
 
 def make_folder(root, n_per_class=8, classes=("a", "b"), size=32, splits=("train", "test")):
     """A tiny ImageFolder of random PNG images."""
-    from PIL import Image
+    from torchvision.transforms.v2.functional import to_pil_image
     g = torch.Generator().manual_seed(0)
     for split in splits:
         for c in classes:
             os.makedirs(os.path.join(root, split, c), exist_ok=True)
             for i in range(n_per_class):
-                arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-                Image.fromarray(arr).save(os.path.join(root, split, c, f"{i}.png"))
+                img = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+                to_pil_image(img).save(os.path.join(root, split, c, f"{i}.png"))
     return str(root)
 
 
