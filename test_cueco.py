@@ -132,6 +132,24 @@ def test_gradients_reach_query_and_centroids_but_not_key():
     assert loss.item() == pytest.approx(l_con.item() + l_clu.item(), rel=1e-5)
 
 
+def test_cueco_loss_pairs_each_query_with_the_other_views_key():
+    model = tiny_model()
+    with torch.no_grad():   # make the key network differ from the query network
+        for p in model.encoder_k.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    loss, l_con, l_clu, keys, _ = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.2, 0.1, 0.05, 0.5,
+                                                   shuffle=False)
+    with torch.no_grad():
+        (q1, s1), (q2, s2) = model.encoder_q(x1), model.encoder_q(x2)
+        (k1, t1), (k2, t2) = model.encoder_k(x1), model.encoder_k(x2)
+        con = cueco.contrastive_loss(q1, k2, model.queue, 0.2) + cueco.contrastive_loss(q2, k1, model.queue, 0.2)
+        clu = cueco.clustering_loss(s1, t2, 0.1, 0.05) + cueco.clustering_loss(s2, t1, 0.1, 0.05)
+    assert torch.allclose(l_con, con, atol=1e-5) and torch.allclose(l_clu, clu, atol=1e-5)
+    assert torch.allclose(loss, con + 0.5 * clu, atol=1e-5)
+    assert torch.allclose(keys, torch.cat([k1, k2]), atol=1e-6)
+
+
 def test_lambda_zero_is_plain_moco_no_clustering_gradient():
     model = tiny_model()
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
@@ -208,6 +226,14 @@ def test_augment_shapes_ranges_and_per_sample_randomness():
     blurred = cueco.augment(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8), 96, MEAN, STD,
                             torch.Generator().manual_seed(2), crop=False, blur=True)
     assert blurred.shape == (4, 3, 96, 96)
+
+
+def test_augment_flips_half_of_the_images():
+    x = torch.zeros(800, 3, 32, 32, dtype=torch.uint8)
+    x[..., 16:] = 255                     # gray, dark left half: jitter and grayscale keep the order
+    out = cueco.augment(x, 32, MEAN, STD, torch.Generator().manual_seed(0), scale=(1.0, 1.0))
+    flipped = (out[..., :16].mean(dim=(1, 2, 3)) > out[..., 16:].mean(dim=(1, 2, 3))).float().mean()
+    assert 0.44 < flipped < 0.56, flipped                                              # p = 0.5
 
 
 def test_crop_boxes_follow_torchvision_distribution():
