@@ -551,9 +551,13 @@ def augment(x: torch.Tensor, size: int, mean, std, g: torch.Generator, crop: boo
         ks = blur_kernel_size(size)
         sigma = torch.where(u(b) < 0.5, 0.1 + 1.9 * u(b), torch.full((b,), 1e-3, device=dev))
         x = gaussian_blur(x, sigma, ks)
-    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t                                                       # [B, 3, S, S]
+    return normalize(x, mean, std)                                                    # [B, 3, S, S]
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel, with Python numbers: building a mean tensor on a GPU would copy
+    it from the host, and that copy waits for the GPU (a sync in every step)."""
+    return torch.stack([(x[:, c] - mean[c]) / std[c] for c in range(3)], dim=1)
 
 
 # =====================================================================================================
@@ -721,7 +725,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     if is_distributed():   # one shift for the global batch, or the ranks' columns would be scaled apart
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
     Q = torch.exp((scores.float() - top) / eps).t()                     # Q: [K, N]
-    n_total = all_reduce_sum(torch.tensor(float(Q.shape[1]), device=Q.device))
+    n_total = all_reduce_sum(torch.full((), float(Q.shape[1]), device=Q.device))  # no host copy
     K = Q.shape[0]
     Q /= all_reduce_sum(Q.sum())
     for _ in range(iters):
@@ -753,7 +757,9 @@ def cueco_loss(model: CueCo, net_q: nn.Module, x1: torch.Tensor, x2: torch.Tenso
     with torch.autocast(x1.device.type, enabled=False):   # the logits / T need float32 precision
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)
         l_clu = clustering_loss(s1, sk2, tau, eps) + clustering_loss(s2, sk1, tau, eps)
-    shares = F.one_hot(s1.argmax(1), s1.shape[1]).float().mean(0)       # shares: [K_c]
+    # (scatter_add rather than one_hot/bincount, which check their input on the host: a GPU sync)
+    shares = torch.zeros(s1.shape[1], device=s1.device).scatter_add_(
+        0, s1.argmax(1), torch.ones(len(s1), device=s1.device)) / len(s1)  # shares: [K_c]
     return l_con + lam * l_clu, l_con.detach(), l_clu.detach(), torch.cat([k1, k2]), shares
 
 
@@ -781,9 +787,7 @@ def extract_features(backbone: nn.Module, images, mean, std, device, batch_size:
     backbone.eval()
     feats = []
     for x in batches(images, batch_size, workers):
-        x = x.to(device, non_blocking=True).float() / 255                       # [B, 3, S, S]
-        x = (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
-            std, device=device).view(1, 3, 1, 1)
+        x = normalize(x.to(device, non_blocking=True).float() / 255, mean, std)  # [B, 3, S, S]
         with autocast(device):
             feats.append(backbone(to_channels_last(x, device)).float())         # [B, F]
     backbone.train(was_training)
