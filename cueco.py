@@ -30,8 +30,10 @@ import json
 import math
 import os
 import pickle
+import random
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=512, help="global batch size")
     a("--lr", type=float, default=0.06, help="SGD learning rate at batch 512 (scaled linearly)")
     a("--weight-decay", type=float, default=5e-4)
-    a("--compile", action="store_true", help="torch.compile the query network")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="auto: bf16 where native (CUDA >= 8.0, bf16 CPUs), fp16 on older GPUs, else fp32 "
+           "(fp16 on a CPU: for tests only, its convolution backward is ~250x slower than bf16)")
+    a("--compile", action="store_true", help="torch.compile the query and key networks")
     a("--eval-every", type=int, default=10, help="kNN monitor every N epochs (0 = at the end only)")
+    a("--save-every", type=int, default=10, help="checkpoint every N epochs, and at the end")
     a("--tsne-points", type=int, default=2000, help="test images in the t-SNE figure (0 = none)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--seed", type=int, default=0)
@@ -96,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataset not in ("cifar10", "cifar100", "stl10", "folder"):
         raise CueCoError(f"unknown data set '{args.dataset}': choose cifar10, cifar100, stl10 or folder")
     rules = [("batch_size width dim queue_size num_clusters bn_splits log_every lr temperature "
-              "clu_temperature sinkhorn_eps", "> 0", lambda v: v > 0),
+              "clu_temperature sinkhorn_eps save_every", "> 0", lambda v: v > 0),
              ("epochs limit_train limit_test eval_every num_workers image_size tsne_points lambda_clu "
               "weight_decay memory_gb", ">= 0", lambda v: v >= 0),
              ("momentum", "in [0, 1)", lambda v: 0 <= v < 1),
@@ -134,11 +140,11 @@ def mocov2_transform(size: int) -> v2.Compose:
         tfs.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(size), (0.1, 2.0))], p=0.5))
     return v2.Compose(tfs + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
-def augment(x: torch.Tensor, size: int, g: torch.Generator, g_cpu: torch.Generator | None = None):
+def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.Random):
     """One random view of every image of a batch: uint8 [B, 3, H, W] -> normalised float [B, 3, size, size],
     on x's device, from the distribution of `mocov2_transform` (the tests compare the two). g draws the
-    per-image parameters on x's device, g_cpu the per-batch ones (jitter order, blur width)."""
-    b, H, W, g_cpu = x.shape[0], x.shape[2], x.shape[3], g_cpu or g
+    per-image parameters on x's device, rng the per-batch ones (jitter order, blur width) on the host."""
+    b, H, W = x.shape[0], x.shape[2], x.shape[3]
     u = lambda *shape: torch.rand(*shape, device=x.device, generator=g)              # noqa: E731
     x = x.float() / 255                                                              # x: [B, 3, H, W]
     # Random resized crop, torchvision's rule: 10 tries of area ~ U(0.2, 1) * H * W and log-aspect ~
@@ -163,7 +169,7 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator, g_cpu: torch.Generat
     on = (u(b) < 0.8).float()                                                        # on: [B]
     bright, contrast, sat = ((1 + on * (2 * u(b) - 1) * 0.4).view(b, 1, 1, 1) for _ in range(3))
     hue = (on * (2 * u(b) - 1) * 0.1).view(b, 1, 1)                                  # hue: [B, 1, 1]
-    for op in torch.randperm(4, generator=g_cpu).tolist():
+    for op in rng.sample(range(4), 4):
         if op == 0:
             x = (bright * x).clamp(0, 1)
         elif op == 1:
@@ -174,7 +180,7 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator, g_cpu: torch.Generat
             x = shift_hue(x, hue)
     x = torch.where(u(b).view(b, 1, 1, 1) < 0.2, grayscale(x).expand_as(x), x)       # grayscale, p = 0.2
     if size > 64:   # blur with p = 0.5, sigma ~ U(0.1, 2) drawn per batch, like the jitter order
-        sigma = 0.1 + 1.9 * torch.rand((), generator=g_cpu).item()
+        sigma = rng.uniform(0.1, 2.0)
         blurred = v2.functional.gaussian_blur(x, [blur_kernel(size)] * 2, [sigma, sigma])
         x = torch.where(u(b).view(b, 1, 1, 1) < 0.5, blurred, x)
     return normalize(x, size)                                                        # [B, 3, S, S]
@@ -213,8 +219,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         (n, c, h, w), s = x.shape, self.num_splits
         if not self.training or s == 1 or n % s:
             return super().forward(x)
-        # fold the groups into the channels, [N, C, H, W] -> [N/s, C*s, H, W]: group j holds samples j, j+s,
-        # j+2s, ... (strided, which is also how the ranks of a torchrun job share a batch)
+        # fold the groups into the channels, [N, C, H, W] -> [N/s, C*s, H, W] (a view, no copy, in PyTorch's
+        # default layout): group j holds samples j, j+s, j+2s, ..., strided as the ranks of torchrun share
         mean_run, var_run = self.running_mean.repeat(s), self.running_var.repeat(s)
         y = F.batch_norm(x.reshape(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
                          self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
@@ -282,15 +288,23 @@ class CueCo(nn.Module):
     def momentum_update(self, m: float):
         """theta_k <- m theta_k + (1 - m) theta_q, centroids included: a large m keeps the keys in the queue,
         made over the last few hundred steps, comparable. BN running statistics stay the key network's own."""
-        for p_k, p_q in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
-            p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
+        # theta_k + (1 - m) (theta_q - theta_k), over all tensors in a few fused kernels
+        torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - m)
     @torch.no_grad()
     def keys(self, x: torch.Tensor, shuffle: bool = True):
-        """Keys [N, D] and cosines [N, K_c], the batch shuffled so BN groups differ from the query's."""
-        idx = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
-        k, s = self.encoder_k(x[idx])                                                # k: [N, D]
-        inv = torch.argsort(idx)
-        return k[inv], s[inv]
+        """Keys [n, D] and cosines [n, K_c] of this process's images x [n, 3, S, S], encoded in a random order
+        of the whole (global) batch, so that a key meets other images in its BN group than its query did.
+        Under torchrun, as MoCo does: gather all images, rank 0's permutation, each rank encodes a slice."""
+        if not shuffle:
+            return self.encoder_k(x)
+        rank, world = rank_and_world()
+        x_all = all_gather(x)                                                      # x_all: [n*world, 3, S, S]
+        idx = torch.randperm(len(x_all), device=x.device)                          # idx: [n*world]
+        if world > 1:
+            dist.broadcast(idx, 0)
+        k, s = self.encoder_k(x_all[idx.view(world, -1)[rank]])                    # k: [n, D], s: [n, K_c]
+        mine = torch.argsort(idx).view(world, -1)[rank]   # where this rank's images went: [n]
+        return all_gather(k)[mine], all_gather(s)[mine]
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor):
         """Replace the oldest keys of the queue by k [B, D] (by all ranks' keys under torchrun)."""
@@ -358,56 +372,57 @@ def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float) -> torch.
     return torch.optim.SGD([{"params": rest}, {"params": [encoder_q.C], "weight_decay": 0.0}],
                            lr=lr, momentum=0.9, weight_decay=weight_decay)
 
-def epoch_views(data, epoch: int, batch_size: int, seed: int, device, workers=0, rank=0, world=1):
+def epoch_views(data, epoch: int, batch_size: int, seed: int, device, loader=None, rank=0, world=1):
     """Two views [b, 3, S, S] of this process's share b = batch_size / world of each batch of an epoch: whole
     batches augmented on the device (memory path), or `mocov2_transform` in loader workers (loader path)."""
-    s = seed * 100_003 + epoch * 1009 + rank
-    if isinstance(data.train, torch.Tensor):
-        g, g_cpu = torch.Generator(device=device).manual_seed(s), torch.Generator().manual_seed(s)
-        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + epoch))
-        for i in range(len(perm) // batch_size):   # the same permutation on every rank; rank r takes r::world
-            x = data.train[perm[i * batch_size:(i + 1) * batch_size][rank::world].to(data.train.device)]
-            yield augment(x, data.image_size, g, g_cpu), augment(x, data.image_size, g, g_cpu)
+    if loader is not None:
+        loader.sampler.set_epoch(epoch)
+        for x1, x2 in loader:
+            yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         return
-    sampler = DistributedSampler(data.train, world, rank, seed=seed)
-    sampler.set_epoch(epoch)
-    torch.manual_seed(s)   # the workers' transforms draw from seeds derived from this
-    for x1, x2 in DataLoader(data.train, batch_size // world, sampler=sampler, drop_last=True,
-                             num_workers=workers, pin_memory=device.type == "cuda"):
-        yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+    s = seed * 100_003 + epoch * 1009 + rank
+    g, rng = torch.Generator(device=device).manual_seed(s), random.Random(s)
+    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + epoch))
+    for i in range(len(perm) // batch_size):   # the same permutation on every rank; rank r takes r::world
+        x = data.train[perm[i * batch_size:(i + 1) * batch_size][rank::world].to(data.train.device)]
+        yield augment(x, data.image_size, g, rng), augment(x, data.image_size, g, rng)
 
 def train(model: CueCo, encoder_q: nn.Module, optimizer, data, device, *, epochs: int, batch_size: int,
           lr: float, m: float, T: float, tau: float, eps: float, lam: float, clu_warmup: float, seed=0,
-          eval_every=10, log_every=20, workers=0, out=None, config=None, start_epoch=0, history=None):
+          precision="fp32", eval_every=10, save_every=1, log_every=20, workers=0, loader=None, out=None,
+          config=None, start_epoch=0, history=None):
     """Epochs start_epoch+1..epochs: each step lr, views, loss, backward, SGD step, momentum update, enqueue;
-    each epoch ends (rank 0) with the kNN monitor, checkpoint and metrics.json. Returns the history."""
+    each epoch ends (rank 0) with the kNN monitor, metrics.json and a checkpoint. Returns the history."""
     rank, world = rank_and_world()
     history = [] if history is None else history
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     steps, t_run, done = len(data.train) // batch_size, time.time(), 0
     total, base_lr = epochs * steps, lr * batch_size / 512           # the recipe's lr is for batch 512
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
         lam_now = clustering_weight(lam, epoch, epochs, clu_warmup)
+        torch.manual_seed(seed * 1009 + epoch)   # key shuffles: a resumed run draws what an unstopped one did
         sums, t0 = torch.zeros(4, device=device), time.time()        # L, L_con, L_clu, largest cluster share
-        views = epoch_views(data, epoch, batch_size, seed, device, workers, rank, world)
+        views = epoch_views(data, epoch, batch_size, seed, device, loader, rank, world)
         for step, (x1, x2) in enumerate(views):
             lr_now = base_lr * 0.5 * (1 + math.cos(math.pi * ((epoch - 1) * steps + step) / max(1, total)))
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            with autocast(device):
+            with autocast(device, precision):
                 loss, l_con, l_clu, keys, shares = cueco_loss(model, encoder_q, x1, x2, T, tau, eps, lam_now)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()   # without fp16: loss.backward(), optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             model.momentum_update(m)
             model.enqueue(keys)
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
             done += 1
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                avg = (sums / (step + 1)).tolist()
+                avg = (all_reduce(sums.clone()) / (world * (step + 1))).tolist()   # all ranks' mean
                 if not all(map(math.isfinite, avg)):
-                    raise CueCoError(f"the loss became NaN/inf in epoch {epoch}; the checkpoint of epoch "
-                                     f"{epoch - 1} is kept in {out}; try a lower --lr")
+                    raise CueCoError(f"the loss became NaN/inf in epoch {epoch}; the last checkpoint is kept "
+                                     f"in {out}; try a lower --lr")
                 ips = (step + 1) * batch_size / (time.time() - t0)
                 left = (total - (epoch - 1) * steps - step - 1) * (time.time() - t_run) / done
                 line = (f"epoch {epoch}/{epochs} step {step + 1}/{steps} loss {avg[0]:.3f} (con {avg[1]:.3f} "
@@ -416,7 +431,7 @@ def train(model: CueCo, encoder_q: nn.Module, optimizer, data, device, *, epochs
                 if rank == 0:
                     print(line, flush=True)
         seconds = time.time() - t0
-        avg = (sums / max(1, steps)).tolist()
+        avg = (all_reduce(sums) / (world * max(1, steps))).tolist()
         record = {"epoch": epoch, "loss": avg[0], "loss_contrastive": avg[1], "loss_clustering": avg[2],
                   "max_cluster_share": avg[3], "num_clusters": model.encoder_q.C.shape[0],
                   "lambda_clu": lam_now, "lr": lr_now, "img_per_s": steps * batch_size / seconds,
@@ -425,20 +440,21 @@ def train(model: CueCo, encoder_q: nn.Module, optimizer, data, device, *, epochs
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if rank == 0:
             if eval_every and (epoch % eval_every == 0 or epoch == epochs):
-                f_bank, f_test = features(model.encoder_q.backbone, data, device, workers)
+                f_bank, f_test = features(model.encoder_q.backbone, data, device, precision, workers)
                 record["knn"] = knn_accuracy(f_bank, data.bank_y, f_test, data.test_y)
                 print(f"epoch {epoch}: kNN top-1 {record['knn']:.2f}% ({seconds:.1f}s)", flush=True)
             history.append(record)
             if out:
-                save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, epoch, config, history)
                 write_json(os.path.join(out, "metrics.json"), {"args": config, "epochs": history})
+            if out and (epoch % save_every == 0 or epoch == epochs):
+                save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, epoch, config, history)
         if world > 1:
             dist.barrier()
     return history
 
 # ========================== 7. Evaluation: features, weighted kNN, linear probe =============================
 @torch.no_grad()
-def features(backbone: nn.Module, data, device, workers=0, batch_size=512):
+def features(backbone: nn.Module, data, device, precision="fp32", workers=0, batch_size=512):
     """Backbone features (float32, on `device`) of the unaugmented bank and test images. Leaves the backbone
     in eval mode (batch norm from running statistics); `train` switches back at each epoch."""
     backbone.eval()
@@ -446,7 +462,7 @@ def features(backbone: nn.Module, data, device, workers=0, batch_size=512):
     for images in (data.bank, data.test):   # uint8 [N, 3, S, S] tensors, or Datasets of (image, label)
         batches = images.split(batch_size) if isinstance(images, torch.Tensor) else \
             (x for x, _ in DataLoader(images, batch_size, num_workers=workers))
-        with autocast(device):
+        with autocast(device, precision):
             out.append(torch.cat([backbone(normalize(x.to(device).float() / 255, data.image_size)).float()
                                   for x in batches]))                               # [N, F]
     return out
@@ -733,7 +749,7 @@ def load_torchvision_set(args) -> Data:
 # =================== 11. Plumbing: device and precision, several processes, checkpoints =====================
 # Nothing in a training step reads a GPU value on the host (the CPU would wait for the GPU at every step):
 # statistics are summed on the device and read every --log-every steps, the augmentation draws its
-# random numbers on the device, and its per-batch choices come from a CPU generator.
+# random numbers on the device, and its per-batch choices come from Python's `random`.
 
 def setup_device(name: str):
     """(device, rank, world); under torchrun, one process per GPU (NCCL) or CPU worker (gloo)."""
@@ -742,17 +758,30 @@ def setup_device(name: str):
         torch.empty(0, device=device)   # fails here, not later, if PyTorch cannot use the device
     except (RuntimeError, AssertionError) as e:
         raise CueCoError(f"--device {name} cannot be used here ({str(e).splitlines()[0][:80]})") from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":   # under torchrun, the GPU of this process; --device cuda:1 made current too
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True   # every batch has the same shape: pick the fastest kernels
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # the other ranks wait while rank 0 evaluates (minutes on ImageNet): longer than the default 10 min
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return (device, *rank_and_world())
 
-def autocast(device):
-    """bf16 autocast on CUDA (batch norm and the losses stay in float32); a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def pick_precision(device, precision: str = "auto") -> str:
+    """auto: bf16 where the hardware computes it natively (CUDA compute capability >= 8.0, i.e. A100/H100
+    and newer; CPUs with AVX512-BF16 or AMX, as oneDNN reports), fp16 with a gradient scaler on older GPUs
+    (T4, V100: bf16 would leave cuDNN for slow fallbacks), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+def autocast(device, precision: str):
+    """Autocast in bf16 or fp16 (convolutions and matmuls; batch norm statistics, the embeddings and the
+    losses stay in float32); fp32: a no-op."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 def rank_and_world():
     on = dist.is_available() and dist.is_initialized()
@@ -807,9 +836,9 @@ def data_name(args) -> str:
     return args.dataset if args.dataset != "folder" else os.path.basename(os.path.normpath(args.data_dir))
 
 @torch.no_grad()
-def evaluate(model: CueCo, data: Data, device, seed=0, workers=0):
+def evaluate(model: CueCo, data: Data, device, precision="fp32", seed=0, workers=0):
     """The final metrics (kNN, linear, k-means NMI/ARI/ACC; CIFAR-20: suffix 20), test features, clusters."""
-    f_bank, f_test = features(model.encoder_q.backbone, data, device, workers)     # [N_bank, F], [N_test, F]
+    f_bank, f_test = features(model.encoder_q.backbone, data, device, precision, workers)  # [Nb, F], [Nt, F]
     res = {"knn": knn_accuracy(f_bank, data.bank_y, f_test, data.test_y)}
     with torch.enable_grad():
         res["linear"] = linear_probe(f_bank, data.bank_y, f_test, data.test_y, seed=seed)
@@ -829,16 +858,25 @@ def run(argv=None) -> dict:
         raise CueCoError(f"--batch-size {args.batch_size} must split evenly over {world} process(es) and "
                          f"--bn-splits {args.bn_splits} batch-norm groups")
     torch.manual_seed(args.seed)
+    if world > 1 and rank > 0:
+        dist.barrier()   # rank 0 downloads first, alone
     data = load_folder(args, log) if args.dataset == "folder" else load_torchvision_set(args)
+    if world > 1 and rank == 0:
+        dist.barrier()
     if args.epochs > 0 and len(data.train) < args.batch_size:
         raise CueCoError(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training images")
-    memory = isinstance(data.train, torch.Tensor)
+    memory, loader = isinstance(data.train, torch.Tensor), None
     if memory:   # the memory path: the whole training set lives on the device
         data = data._replace(train=data.train.to(device))
+    else:   # the loader path: DataLoader workers run mocov2_transform; started once, kept across epochs
+        loader = DataLoader(data.train, args.batch_size // world, drop_last=True,
+                            sampler=DistributedSampler(data.train, world, rank, seed=args.seed),
+                            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                            pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(args.seed * 1009 + rank))
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, cifar_stem=data.image_size <= 64,
                   bn_splits=max(1, args.bn_splits // world)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    precision = pick_precision(device, args.precision)   # no channels_last: split BN would undo it (README)
     optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay)
     history, start_epoch = [], 0
     if args.resume:
@@ -849,24 +887,29 @@ def run(argv=None) -> dict:
     if world > 1:
         ids = [device] if device.type == "cuda" else None
         encoder_q = nn.parallel.DistributedDataParallel(encoder_q, device_ids=ids)
-    if args.compile:
-        encoder_q = torch.compile(encoder_q)
+    if args.compile:   # static shapes: every batch has the same size (a notebook's next run recompiles)
+        encoder_q = torch.compile(encoder_q, dynamic=False)
+        model.encoder_k.compile(dynamic=False)
     method, name = "CueCo" if args.lambda_clu else "MoCo-v2 (lambda_clu 0)", data_name(args)
-    log(f"{method} on {name}: {len(data.train)} train, {len(data.test_y)} test images, {data.image_size} px,"
-        f" ResNet-18 width {args.width}, {device} x {world}, {'memory' if memory else 'loader'} path")
+    log(f"{method} on {name}: {len(data.train)} train, {len(data.test_y)} test images, {data.image_size} px, "
+        f"ResNet-18 width {args.width}, {device} x {world}, {precision}, "
+        f"{'memory' if memory else 'loader'} path")
     try:
         train(model, encoder_q, optimizer, data, device, epochs=args.epochs, batch_size=args.batch_size,
               lr=args.lr, m=args.momentum, T=args.temperature, tau=args.clu_temperature,
               eps=args.sinkhorn_eps, lam=args.lambda_clu, clu_warmup=args.clu_warmup, seed=args.seed,
-              eval_every=args.eval_every, log_every=args.log_every, workers=args.num_workers, out=args.out,
+              precision=precision, eval_every=args.eval_every, save_every=args.save_every,
+              log_every=args.log_every, workers=args.num_workers, loader=loader, out=args.out,
               config=vars(args), start_epoch=start_epoch, history=history)
     except KeyboardInterrupt:
-        done, path = history[-1]["epoch"] if history else start_epoch, os.path.join(args.out, "checkpoint.pt")
-        raise CueCoError(f"interrupted; the checkpoint of epoch {done} is saved in {path}; continue with: "
-                         f"python cueco.py --resume {path}") from None
+        path = os.path.join(args.out, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise CueCoError("interrupted before the first checkpoint (see --save-every)") from None
+        raise CueCoError(f"interrupted; the checkpoint of epoch {load_checkpoint(path)['epoch']} is "
+                         f"in {path}; continue with: python cueco.py --resume {path}") from None
     if rank != 0:
         return {}
-    final, f_test, clusters = evaluate(model, data, device, args.seed, args.num_workers)
+    final, f_test, clusters = evaluate(model, data, device, precision, args.seed, args.num_workers)
     title = f"{method} on {name}, epoch {args.epochs}"
     if args.tsne_points:
         idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0)   # idx: [n]

@@ -4,11 +4,13 @@ end to end. CPU only, a few minutes on 2 cores:
 
     python -m pytest -q test_cueco.py
 """
+import copy
 import itertools
 import json
 import math
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -65,7 +67,7 @@ def make_folder(root, n_per_class=8, classes=("a", "b"), size=32, splits=("train
 def tiny_args(folder, out, *extra):
     return ["--dataset", "folder", "--data-dir", folder, "--width", "4", "--dim", "16",
             "--num-clusters", "4", "--queue-size", "64", "--batch-size", "8", "--bn-splits", "2",
-            "--num-workers", "0", "--tsne-points", "20", "--out", str(out),
+            "--num-workers", "0", "--tsne-points", "20", "--save-every", "1", "--out", str(out),
             "--figures-dir", str(out / "fig"), *extra]
 
 
@@ -266,6 +268,30 @@ def test_split_batchnorm_groups_batches_independently():
     assert torch.allclose(bn.running_mean, 0.1 * x.mean(dim=(0, 2, 3)), atol=1e-5)   # groups averaged
 
 
+def test_split_batchnorm_equals_batch_norm_on_each_group():
+    """Against F.batch_norm applied to each strided group on its own (as one GPU each would): outputs,
+    gradients, and running statistics averaged over the groups."""
+    torch.manual_seed(0)
+    bn = cueco.SplitBatchNorm(3, num_splits=4).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+    x = (3 + 2 * torch.randn(16, 3, 5, 5)).requires_grad_()
+    y, y_ref, means, variances = bn(x), torch.empty(16, 3, 5, 5), [], []
+    for j in range(4):
+        mean, var = torch.zeros(3), torch.ones(3)
+        y_ref = y_ref.index_put((torch.arange(j, 16, 4),), F.batch_norm(x[j::4], mean, var, bn.weight, bn.bias,
+                                                                          True, 0.1, bn.eps))
+        means, variances = means + [mean], variances + [var]
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    dy = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, [x, bn.weight, bn.bias], dy),
+                        torch.autograd.grad(y_ref, [x, bn.weight, bn.bias], dy)):
+        assert torch.allclose(g, g_ref, atol=1e-4)
+    assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-6)   # unbiased variance
+    assert torch.allclose(bn.running_var, torch.stack(variances).mean(0), atol=1e-6)
+
+
 def test_resnet18_has_torchvisions_architecture():
     """At width 64 our ResNet-18 has exactly torchvision's parameters (without its classifier); the CIFAR
     stem is torchvision's with a 3x3 first convolution and no max-pool, as the MoCo notebook builds it."""
@@ -319,14 +345,14 @@ def test_mocov2_transform_is_the_published_recipe():
 def test_augment_shapes_ranges_and_per_image_randomness():
     img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = img.repeat(64, 1, 1, 1)
-    out = cueco.augment(x, 24, torch.Generator().manual_seed(1))
+    out = cueco.augment(x, 24, torch.Generator().manual_seed(1), random.Random(1))
     assert out.shape == (64, 3, 24, 24) and out.dtype == torch.float32
     pix = denorm(out)
     assert pix.min() >= -1e-5 and pix.max() <= 1 + 1e-5
     flat = out.flatten(1)
     assert torch.cdist(flat, flat).topk(2, largest=False).values[:, 1].min() > 0   # all 64 differ
-    assert torch.equal(out, cueco.augment(x, 24, torch.Generator().manual_seed(1)))   # reproducible
-    big = cueco.augment(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8), 96, torch.Generator())
+    assert torch.equal(out, cueco.augment(x, 24, torch.Generator().manual_seed(1), random.Random(1)))   # reproducible
+    big = cueco.augment(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8), 96, None, random.Random())
     assert big.shape == (4, 3, 96, 96)                                            # the blurred recipe
 
 
@@ -686,12 +712,26 @@ def test_learning_rate_and_clustering_weight_follow_their_schedules(tmp_path):
     assert [e["lambda_clu"] for e in epochs] == [0.5, 1.0, 1.0, 1.0]
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Stopped after epoch 1 of 3 and resumed, a run ends with exactly the weights, queue and metrics of the
+    run that was never stopped (same schedules, same views, same key shuffles)."""
     folder = make_folder(tmp_path / "d", n_per_class=8)
-    whole = cueco.main(tiny_args(folder, tmp_path / "a", "--epochs", "2", "--tsne-points", "0"))
-    cueco.main(tiny_args(folder, tmp_path / "b", "--epochs", "1", "--tsne-points", "0"))
-    resumed = cueco.main(["--resume", str(tmp_path / "b" / "checkpoint.pt"), "--epochs", "2"])
-    assert resumed == pytest.approx(whole)
+    whole = cueco.main(tiny_args(folder, tmp_path / "a", "--epochs", "3", "--tsne-points", "0"))
+    real = cueco.epoch_views
+
+    def stop_in_epoch_2(data, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(data, epoch, *rest)
+
+    monkeypatch.setattr(cueco, "epoch_views", stop_in_epoch_2)
+    with pytest.raises(SystemExit):
+        cueco.main(tiny_args(folder, tmp_path / "b", "--epochs", "3", "--tsne-points", "0"))
+    monkeypatch.setattr(cueco, "epoch_views", real)
+    resumed = cueco.main(["--resume", str(tmp_path / "b" / "checkpoint.pt")])
+    assert resumed == whole
+    a, b = (cueco.load_checkpoint(str(tmp_path / run / "checkpoint.pt"))["model"] for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ctrl_c_saves_and_resume_finishes_the_same_run(tmp_path):
@@ -727,6 +767,35 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     monkeypatch.setattr(cueco, "contrastive_loss", poisoned)
     fails(tiny_args(folder, out, "--epochs", "3", "--eval-every", "0", "--log-every", "1"), "NaN", capsys)
     assert cueco.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
+
+
+def test_checkpoints_every_save_every_epochs_and_at_the_end(tmp_path, monkeypatch):
+    folder, saved, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.save_checkpoint
+    monkeypatch.setattr(cueco, "save_checkpoint", lambda path, model, opt, epoch, *rest: (
+        saved.append(epoch), real(path, model, opt, epoch, *rest)))
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "5", "--save-every", "2", "--eval-every", "0",
+                         "--tsne-points", "0"))
+    assert saved == [2, 4, 5]
+
+
+class PidLog:
+    """A transform that writes the id of the process that runs it to a file, then applies `inner`."""
+    def __init__(self, inner, path):
+        self.inner, self.path = inner, path
+
+    def __call__(self, image):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.inner(image)
+
+
+def test_the_loader_path_starts_its_workers_once(tmp_path, monkeypatch):
+    folder, log, real = make_folder(tmp_path / "d", n_per_class=8), tmp_path / "pids", cueco.mocov2_transform
+    monkeypatch.setattr(cueco, "mocov2_transform", lambda size: PidLog(real(size), str(log)))
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "3", "--memory-gb", "0", "--num-workers", "1",
+                         "--eval-every", "0", "--tsne-points", "0"))
+    pids = log.read_text().split()
+    assert len(pids) == 3 * 16 * 2 and len(set(pids)) == 1 and pids[0] != str(os.getpid())
 
 
 def test_epochs_zero_evaluates_the_untrained_network(tmp_path):
@@ -802,8 +871,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     x1, x2 = fixed_views()
     loss, g_c, g_w = one_step(single, x1, x2)
     assert torch.allclose(r0["loss"], loss, atol=1e-5), (r0["loss"], loss)   # global Sinkhorn, same queue
-    for r in (r0, r1):   # DDP averaged the gradients: the same as one process on the whole batch
-        assert torch.allclose(r["g_c"], g_c, atol=1e-5) and torch.allclose(r["g_w"], g_w, atol=1e-5)
+    for r in (r0, r1):   # DDP averaged the gradients: the same as one process on the whole batch (up to
+        # float32 rounding: native batch norm there, the split one here)
+        assert torch.allclose(r["g_c"], g_c, atol=1e-5) and torch.allclose(r["g_w"], g_w, atol=1e-4)
     # both ranks hold the same queue, and it holds keys from both ranks: 2 views x 4 images x 2 ranks
     assert torch.equal(r0["queue"], r1["queue"]) and r0["ptr"].item() == 16
     rows = lambda q: sorted(map(tuple, q[:16].round(decimals=4).tolist()))   # noqa: E731
@@ -860,3 +930,213 @@ def test_balanced_subset():
     assert torch.equal(idx, cueco.balanced_subset(labels, 31, seed=0))
     assert not torch.equal(idx, cueco.balanced_subset(labels, 31, seed=1))
     assert torch.bincount(labels[cueco.balanced_subset(labels, 70, seed=0)]).tolist() == [25, 25, 20]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the GPU path, tested on a CPU: precision, the global key shuffle, torch.compile, fake CUDA tensors
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_precision_per_cuda_card(monkeypatch, capability, expected):
+    """T4 (7.5): fp16 with a gradient scaler; A100 (8.0) and H100 (9.0): bf16. A flag overrides auto."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert cueco.pick_precision(torch.device("cuda"), "auto") == expected
+    assert cueco.pick_precision(torch.device("cuda"), "fp32") == "fp32"
+
+
+def test_precision_on_cpus_and_others(monkeypatch):
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        assert cueco.pick_precision(torch.device("cpu"), "auto") == expected
+    assert cueco.pick_precision(torch.device("mps"), "auto") == "fp32"
+    assert cueco.pick_precision(torch.device("cpu"), "fp16") == "fp16"
+
+
+def test_a_named_gpu_becomes_the_current_one(monkeypatch):
+    """--device cuda:1 must also make that card current (else CUDA puts some tensors on card 0), and
+    cuDNN's autotuner is on (every batch has the same shape)."""
+    made_current = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: None)   # pretend that the card works
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert cueco.setup_device("cuda:1") == (torch.device("cuda", 1), 0, 1)
+    assert made_current == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark
+
+
+def low_precision_step(model, precision, x1, x2):
+    model = copy.deepcopy(model)
+    with cueco.autocast(torch.device("cpu"), precision):
+        loss, l_con, l_clu, keys, _ = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0,
+                                                       shuffle=False)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])
+    return loss, keys, grad
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_one_step_in_low_precision_agrees_with_fp32(precision):
+    """Under CPU autocast the convolutions and linear layers run in bf16 (8 bits of mantissa) or fp16 (11);
+    the embeddings, logits and losses stay float32. Rounding errors of about 2^-9 (bf16) per layer, through
+    ~20 layers renormalised by batch norm, move the unit-length keys by a few tenths of a percent and the
+    loss (about 2 ln(1 + K)) by well under 1%; a step in the wrong precision (or float16 logits / T
+    overflowing) would not pass."""
+    model = tiny_model(width=8, dim=16, queue_size=64)
+    x1, x2 = fixed_views(16, 16)
+    loss32, keys32, grad32 = low_precision_step(model, "fp32", x1, x2)
+    loss, keys, grad = low_precision_step(model, precision, x1, x2)
+    assert loss.dtype == keys.dtype == torch.float32
+    assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item()
+    assert (keys * keys32).sum(1).min() > 0.99                                   # cosine of each key
+    assert F.cosine_similarity(grad, grad32, dim=0) > 0.95
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_command_line_trains_in_each_precision(tmp_path, precision, capsys, monkeypatch):
+    """Each precision end to end; fp16 (and only fp16) scales the loss against gradient underflow."""
+    folder, scaled, real = make_folder(tmp_path / "d", n_per_class=8), [], torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: (
+        scaled.append(self.is_enabled()), real(self, loss))[1])
+    final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "2", "--precision", precision,
+                                 "--tsne-points", "0"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f", {precision}, " in first and math.isfinite(final["knn"]) and math.isfinite(final["linear"])
+    assert scaled == [precision == "fp16"] * 4   # 2 epochs x 2 steps
+
+
+def _shuffle_worker(rank, world, port, out_dir):
+    """One rank of a 2-process job: which images its key network encodes, in which BN groups."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, seen = tiny_model(bn_splits=2), []   # 4 BN groups in all, 2 a rank
+    model.encoder_k.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0][:, 0, 0, 0]))
+    ids = torch.arange(64.0)[rank::world]                     # image i of the global batch shows the number i
+    x = ids.view(-1, 1, 1, 1).expand(-1, 3, 16, 16).contiguous()
+    torch.manual_seed(rank)   # each rank's own random state: only rank 0's permutation may count
+    model.eval()   # batch norm from running statistics: a key no longer depends on where it was encoded
+    own = (model.keys(x)[0] - model.encoder_k(x)[0]).abs().max()
+    model.train()
+    seen.clear()
+    keys = [model.keys(x) for _ in range(3)]
+    torch.save({"ids": ids, "seen": seen, "keys": keys, "own": own}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_keys_are_shuffled_over_all_processes(tmp_path):
+    """With the key batch shuffled only within each rank, a query's batch-norm group shares half its images
+    with its key's group here (2 groups a rank), and all of them with one group a rank (8 GPUs, 8 groups);
+    shuffled over the global batch, as MoCo does, the share is 1 / (number of groups), as on one GPU."""
+    torch.multiprocessing.spawn(_shuffle_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    groups = lambda batch: [set(batch[j::2].tolist()) for j in range(2)]   # noqa: E731 (2 strided groups)
+    q_group = {i: g for r in ranks for g in groups(r["ids"]) for i in g}
+    overlaps = []
+    for call in range(3):
+        k_group = {i: g for r in ranks for g in groups(r["seen"][call]) for i in g}
+        assert sorted(k_group) == list(range(64))                # every image encoded once, on some rank
+        overlaps += [len((q_group[i] & k_group[i]) - {i}) / (len(q_group[i]) - 1) for i in range(64)]
+    assert sum(overlaps) / len(overlaps) < 0.25 + 0.06, sum(overlaps) / len(overlaps)
+    for r in ranks:   # each rank gets back the keys of its own images, in order, whatever rank encoded them
+        assert r["own"] < 1e-6 and all(k.shape == (32, 8) and s.shape == (32, 5) for k, s in r["keys"])
+    seen0 = ranks[0]["seen"][0].tolist() + ranks[1]["seen"][0].tolist()
+    assert seen0 != list(range(64))
+
+
+def test_compiled_step_equals_the_eager_step():
+    """torch.compile (with the aot_eager backend: the same graph capture and autograd as Inductor, without
+    minutes of C++ compilation) on both networks: loss, gradients and BN statistics as in eager mode."""
+    torch._dynamo.reset()
+    eager = tiny_model(bn_splits=2)
+    compiled = copy.deepcopy(eager)
+    encoder_q = torch.compile(compiled.encoder_q, backend="aot_eager")
+    compiled.encoder_k.compile(backend="aot_eager")
+    x1, x2 = fixed_views(16, 16)
+    losses = []
+    for model, net in ((eager, eager.encoder_q), (compiled, encoder_q)):
+        torch.manual_seed(0)   # the same key shuffle
+        loss = cueco.cueco_loss(model, net, x1, x2, 0.1, 0.1, 0.05, 1.0)[0]
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(eager.encoder_q.named_parameters(), compiled.encoder_q.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    for a, b in zip(eager.buffers(), compiled.buffers()):   # running statistics of both networks, queue
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operation that reads a GPU value on the host (.item(), .tolist(), .cpu(), if tensor:),
+    each of which would make the CPU wait for the GPU in the middle of a step."""
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = lambda t: [a for a in torch.utils._pytree.tree_leaves(t) if isinstance(a, torch.Tensor)]  # noqa
+        if func is torch.ops.aten._local_scalar_dense.default or (
+                any(a.device.type == "cuda" for a in leaves((args, kwargs)))
+                and any(o.device.type == "cpu" for o in leaves(out))):
+            self.syncs.append(str(func))
+        return out
+
+
+def to_fake_cuda(module):
+    """Every parameter and buffer replaced by a fake CUDA tensor (no memory, no GPU), as .cuda() leaves them."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            setattr(m, name, torch.nn.Parameter(torch.empty(p.shape, device="cuda"), requires_grad=p.requires_grad))
+        for name, b in list(m.named_buffers(recurse=False)):
+            m.register_buffer(name, torch.empty(b.shape, dtype=b.dtype, device="cuda"))
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU runs the real step")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
+    """The forward half of a training step on a pretend GPU (FakeTensorMode computes shapes, dtypes, devices
+    and memory layouts, not values): augmentation on the device, both encoders under CUDA autocast, both
+    losses with Sinkhorn, momentum update and enqueue. Checks that convolutions and batch norm run in the
+    low precision and keep one memory layout (no hidden transposes: split BN's fold is a view), that the
+    embeddings and losses are float32, and that nothing reads a GPU value back to the host. Backward needs a
+    real CUDA runtime: the CPU tests cover it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    # FakeTensorMode picks the output layout of a convolution by the backend a real GPU would use: cuDNN
+    monkeypatch.setattr(torch._C, "_select_conv_backend", lambda *a, **k: torch._C._ConvBackend.Cudnn)
+    layers, device = [], torch.device("cuda")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = to_fake_cuda(cueco.CueCo(width=8, dim=16, num_clusters=10, queue_size=64, bn_splits=2))
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, cueco.SplitBatchNorm)):
+                m.register_forward_hook(lambda mod, inp, out: layers.append(
+                    (out.dtype, out.device.type, out.is_contiguous())))
+        images = torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=device)
+        with NoHostSync() as mode:
+            x1, x2 = cueco.augment(images, 32, None, random.Random(0)), cueco.augment(images, 32, None,
+                                                                                     random.Random(1))
+            with cueco.autocast(device, precision):
+                loss, l_con, l_clu, keys, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1,
+                                                                    0.05, 1.0)
+                embeddings = [t.dtype for t in model.encoder_q(x1)]   # z [N, D] and z.C [N, K_c]
+            model.momentum_update(0.99)
+            model.enqueue(keys)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert len(layers) == 5 * 40 and set(layers) == {(low, "cuda", True)}   # 5 passes x 20 conv + 20 BN
+    assert x1.shape == (8, 3, 32, 32) and x1.device.type == "cuda" and x1.dtype == torch.float32
+    assert loss.dtype == keys.dtype == torch.float32 and loss.device.type == "cuda"
+    assert embeddings == [torch.float32, torch.float32] and mode.syncs == []
+
+
+def test_compile_flag_compiles_both_networks_end_to_end(tmp_path, monkeypatch):
+    """--compile through the real Inductor backend (C++ code generation on the CPU: about a minute)."""
+    folder, compiled = make_folder(tmp_path / "d", n_per_class=8), []
+    real_compile, real_method = torch.compile, torch.nn.Module.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (compiled.append(fn), real_compile(fn, **kw))[1])
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: (compiled.append(self),
+                                                                         real_method(self, **kw))[0])
+    final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "2", "--compile", "--tsne-points", "0"))
+    assert math.isfinite(final["knn"]) and math.isfinite(final["linear"])
+    encoders = [m for m in compiled if isinstance(m, cueco.Encoder)]   # (Module.compile calls torch.compile)
+    assert len(encoders) == 2 and encoders[0] is not encoders[1]      # encoder_q and encoder_k
