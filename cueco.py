@@ -579,6 +579,17 @@ def cluster_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
     return {"nmi": float(nmi), "ari": float(ari), "acc": float(acc)}
 
 @torch.no_grad()
+def cluster_exemplars(f: torch.Tensor, clusters: torch.Tensor, n: int = 10) -> torch.Tensor:
+    """For each cluster of features f [N, F], its n members nearest its centre (cosine), nearest first:
+    indices [k, n], -1 where a cluster has fewer members."""
+    f, k = F.normalize(f.float(), dim=1), int(clusters.max()) + 1
+    centres = F.normalize(torch.zeros(k, f.shape[1], device=f.device).index_add_(0, clusters.to(f.device), f),
+                          dim=1)                                                     # centres: [k, F]
+    sim = (f @ centres.t()).masked_fill(F.one_hot(clusters.to(f.device), k) == 0, -2.0)   # sim: [N, k]
+    top = sim.topk(min(n, len(f)), dim=0)                                            # [n, k]
+    return torch.where(top.values > -2.0, top.indices, -1).t().cpu()                 # [k, n]
+
+@torch.no_grad()
 def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
     """Exact t-SNE (van der Maaten & Hinton 2008), [N, F] -> [N, 2]: PCA init, exaggeration 12, gains."""
     x = x.detach().double().cpu()
@@ -626,6 +637,20 @@ def plot_tsne(y, labels, clusters, classes: list, path: str, title: str = ""):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
+
+def plot_clusters(images: list, names: list, path: str, title: str = ""):
+    """One row per cluster: its images (uint8 [3, S, S], None where it has too few) nearest its centre."""
+    from matplotlib.figure import Figure
+    size = next(x for row in images for x in row if x is not None).shape[-1]
+    blank = torch.full((3, size, size), 255, dtype=torch.uint8)
+    grid = torchvision.utils.make_grid([blank if x is None else x for row in images for x in row],
+                                       nrow=len(images[0]), padding=2, pad_value=255)   # grid: [3, H, W]
+    fig = Figure(figsize=(1 + 0.6 * len(images[0]), 0.3 + 0.6 * len(images)), dpi=110)
+    ax = fig.subplots()
+    ax.imshow(grid.permute(1, 2, 0).numpy())
+    ax.set(xticks=[], yticks=[(size + 2) * (i + 0.5) for i in range(len(names))], yticklabels=names)
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, bbox_inches="tight")   # room for the row labels and the title
 
 def plot_curves(history: list, path: str, title: str = ""):
     """Both losses, the kNN monitor, and the largest cluster's share of a batch (near 1 = collapse)."""
@@ -911,12 +936,20 @@ def run(argv=None) -> dict:
         return {}
     final, f_test, clusters = evaluate(model, data, device, precision, args.seed, args.num_workers)
     title = f"{method} on {name}, epoch {args.epochs}"
+    matched = match_clusters(clusters, data.test_y)   # each test image's cluster, named as its matched class
     if args.tsne_points:
         idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0)   # idx: [n]
         emb = tsne(f_test[idx.to(device)], seed=args.seed)                          # emb: [n, 2]
         path = os.path.join(args.figures_dir, f"tsne_{name}.png")
-        plot_tsne(emb, data.test_y[idx], match_clusters(clusters, data.test_y)[idx], data.classes, path,
+        plot_tsne(emb, data.test_y[idx], matched[idx], data.classes, path,
                   f"{title}: kNN {final['knn']:.1f}%, NMI {final['nmi']:.3f} ({len(idx)} test images)")
+    # what the network groups without labels: for each cluster (up to 20), the images nearest its centre
+    rows = cluster_exemplars(f_test, clusters)[:20]                                  # rows: [<=20, 10]
+    image = lambda i: data.test[i] if isinstance(data.test, torch.Tensor) else data.test[i][0]   # noqa: E731
+    plot_clusters([[image(i) if i >= 0 else None for i in row.tolist()] for row in rows],
+                  [f"{int((clusters == c).sum())} ~ {data.classes[matched[r[0]]] if r[0] >= 0 else ''}"
+                   for c, r in enumerate(rows)], os.path.join(args.figures_dir, f"clusters_{name}.png"),
+                  f"{title}\nthe test images nearest each k-means centre (row: cluster size ~ matched class)")
     if history:
         plot_curves(history, os.path.join(args.figures_dir, f"curves_{name}.png"),
                     f"{title} (lambda {args.lambda_clu}, warm-up {args.clu_warmup}, K_c {args.num_clusters})")

@@ -489,6 +489,19 @@ def test_kmeans_recovers_blobs():
     assert cueco.cluster_metrics(cueco.kmeans(x, 5), y)["acc"] == 1.0
 
 
+def test_cluster_exemplars_are_each_clusters_members_nearest_its_centre():
+    x, y = blobs(30, 3, 8, 0.5)
+    clusters = torch.cat([y[:85], torch.full((5,), 3)])   # a fourth cluster of 5 points: its row runs short
+    rows = cueco.cluster_exemplars(x, clusters, n=10)
+    assert rows.shape == (4, 10) and (rows[3, 5:] == -1).all()
+    f = F.normalize(x, dim=1)
+    for c in range(4):   # brute force: the members, by cosine to their normalised mean, nearest first
+        members = torch.nonzero(clusters == c).flatten()
+        centre = F.normalize(f[members].mean(0), dim=0)
+        order = members[(f[members] @ centre).argsort(descending=True)][:10]
+        assert rows[c][rows[c] >= 0].tolist() == order.tolist()
+
+
 def trustworthiness(x, y, k=10):
     """Venna & Kaski's trustworthiness: 1 = no false neighbours in the embedding."""
     n = len(x)
@@ -697,7 +710,7 @@ def test_resume_continues_without_losing_or_repeating_epochs(tmp_path):
                                          "max_cluster_share", "lambda_clu", "lr", "img_per_s", "seconds", "knn"}
     assert metrics["args"]["width"] == 4 and set(final) >= {"knn", "linear", "nmi", "ari", "acc"}
     assert set(metrics["final"]) == set(final)
-    assert os.path.isfile(out / "fig" / "tsne_d.png") and os.path.isfile(out / "fig" / "curves_d.png")
+    assert all(os.path.isfile(out / "fig" / f"{fig}_d.png") for fig in ("tsne", "curves", "clusters"))
 
 
 def test_learning_rate_and_clustering_weight_follow_their_schedules(tmp_path):
