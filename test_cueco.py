@@ -402,6 +402,25 @@ def test_colour_of_the_step_matches_torchvision():
     assert abs(gray_ours - gray_ref) < 0.03                                           # p = 0.2
 
 
+def test_crops_sample_the_same_pixels_without_border_padding(monkeypatch):
+    """Apple's MPS lacks grid_sample's padding_mode="border" before torch 2.13: the crop clamps its grid
+    to the outermost pixel centres instead, so that zero padding gives border padding's output (exactly
+    where 1/W is a binary fraction, as for 32 px; to float rounding elsewhere)."""
+    real, modes = F.grid_sample, []
+
+    def spy(x, grid, **kw):
+        modes.append(kw["padding_mode"])
+        out = real(x, grid, **kw)
+        assert torch.allclose(out, real(x, grid, **{**kw, "padding_mode": "border"}), atol=1e-6)
+        return out
+
+    monkeypatch.setattr(F, "grid_sample", spy)
+    images = torch.randint(0, 256, (64, 3, 24, 40), dtype=torch.uint8)   # not square: each axis its own
+    for size in (16, 48):
+        cueco.augment(images, size, torch.Generator().manual_seed(size), random.Random(0))
+    assert modes == ["zeros", "zeros"]
+
+
 def test_shift_hue_matches_torchvisions_adjust_hue():
     x = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     for h in (0.0, 0.07, -0.1, 0.5):
@@ -568,7 +587,7 @@ def write_cifar(root, hundred, n_train, n_test, monkeypatch):
 def test_cifar10_files_load_in_the_right_layout(tmp_path, monkeypatch):
     (rows, labels), _ = write_cifar(tmp_path, False, 50, 20, monkeypatch)
     args = cueco.parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "r")])
-    data = cueco.load_torchvision_set(args)
+    data = cueco.load_cifar(args)
     assert data.train.shape == (50, 3, 32, 32) and data.train.dtype == torch.uint8 and data.image_size == 32
     assert data.train[0, :, 0, 1].tolist() == [rows[0][1], rows[0][1024 + 1], rows[0][2048 + 1]]   # R, G, B
     assert data.bank_y[:10].tolist() == labels[:10] and len(data.test_y) == 20 and data.test_y20 is None
@@ -579,7 +598,7 @@ def test_cifar100_scores_the_20_superclasses_from_its_own_file(tmp_path, monkeyp
     argv = tiny_args(str(tmp_path), tmp_path / "r", "--epochs", "0", "--tsne-points", "0")
     argv[:4] = ["--dataset", "cifar100", "--data-dir", str(tmp_path)]
     args = cueco.parse_args(argv + ["--limit-test", "40"])
-    data = cueco.load_torchvision_set(args)
+    data = cueco.load_cifar(args)
     assert len(data.test_y) == 40 and data.test_y20.tolist() == [(3 * y + 1) % 20 for y in data.test_y.tolist()]
     scored, real = [], cueco.cluster_metrics
     monkeypatch.setattr(cueco, "cluster_metrics", lambda pred, target: (
@@ -643,9 +662,11 @@ def test_resume_into_another_model_is_one_line(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--lr", "nan"], "--lr must be > 0"),
-    (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
+    (["--key-momentum", "1.0"], "--key-momentum must be in [0, 1)"),
     (["--queue-size", "100"], "--queue-size"),
     (["--clu-warmup", "2"], "--clu-warmup must be in [0, 1]"),
+    (["--view-scale", "0"], "--view-scale must be in (0, 1]"),
+    (["--view-scale", "1.5"], "--view-scale must be in (0, 1]"),
     (["--batch-size", "100"], "--bn-splits 8"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/x"], "does not exist"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
@@ -715,8 +736,8 @@ def test_preset_auto_is_the_paper_on_a_gpu_and_the_laptop_elsewhere(tmp_path, mo
     assert cueco.parse_args(out + ["--device", "mps"]).preset == "laptop"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     paper = cueco.parse_args(out)
-    assert (paper.preset, paper.width, paper.epochs, paper.batch_size, paper.res_schedule) == \
-        ("paper", 64, 800, 512, "")
+    assert (paper.preset, paper.width, paper.epochs, paper.batch_size, paper.view_scale) == \
+        ("paper", 64, 800, 512, 1.0)
     assert cueco.parse_args(out + ["--device", "cpu"]).preset == "laptop"
     assert cueco.parse_args(out + ["--preset", "laptop"]).preset == "laptop"
 
@@ -734,41 +755,26 @@ def test_a_run_records_its_preset_and_resume_restores_it_on_any_device(tmp_path,
     resumed run keeps them (the preset is not chosen again by the device it resumes on), flags included."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     folder = make_folder(tmp_path / "d", n_per_class=8)
-    argv = tiny_args(folder, tmp_path / "r", "--epochs", "3", "--res-schedule", "0.5:1,0.75:1",
-                     "--tsne-points", "0")
+    argv = tiny_args(folder, tmp_path / "r", "--epochs", "2", "--view-scale", "0.5", "--tsne-points", "0")
     argv[argv.index("paper")] = "auto"
     cueco.main(argv)
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("preset laptop: --width 4 --batch-size 8 --epochs 3 --res-schedule 0.5:1,0.75:1")
+    assert first.startswith("preset laptop: --width 4 --batch-size 8 --epochs 2 --view-scale 0.5 --eval-every")
     assert "--preset paper" in first
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert saved["args"]["preset"] == "laptop" and saved["args"]["res_schedule"] == "0.5:1,0.75:1"
-    assert [e["view_size"] for e in saved["epochs"]] == [16, 24, 32]   # make_folder: 32-px images
+    assert saved["args"]["preset"] == "laptop" and saved["args"]["view_scale"] == 0.5
+    assert [e["view_size"] for e in saved["epochs"]] == [16, 16]   # make_folder: 32-px images
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     resumed = cueco.parse_args(["--resume", str(tmp_path / "r" / "checkpoint.pt"), "--epochs", "5"])
-    assert (resumed.preset, resumed.width, resumed.res_schedule, resumed.epochs) == \
-        ("laptop", 4, "0.5:1,0.75:1", 5)
-
-
-def test_view_size_follows_the_resolution_schedule():
-    sizes = [cueco.view_size(e, 32, "0.5:2,0.75:1") for e in range(1, 6)]
-    assert sizes == [16, 16, 24, 32, 32]
-    assert [cueco.view_size(e, 96, "0.5:1") for e in (1, 2)] == [48, 96]
-    assert cueco.view_size(1, 32, "") == 32
-
-
-@pytest.mark.parametrize("schedule", ["0.5", "2:3", "0:3", "half:2", "0.5:-1"])
-def test_a_bad_resolution_schedule_is_one_line(schedule, capsys, tmp_path):
-    fails(["--res-schedule", schedule, "--out", str(tmp_path)], "--res-schedule must be", capsys)
+    assert (resumed.preset, resumed.width, resumed.view_scale, resumed.epochs) == ("laptop", 4, 0.5, 5)
 
 
 def test_smaller_views_are_drawn_on_both_data_paths(tmp_path):
     folder = make_folder(tmp_path / "d", n_per_class=8)
     for memory_gb in ("4", "0"):
         args = cueco.parse_args(tiny_args(folder, tmp_path / "r", "--memory-gb", memory_gb))
-        data = cueco.load_folder(args, print)
-        loader = None if memory_gb == "4" else torch.utils.data.DataLoader(
-            data.train, 8, sampler=torch.utils.data.DistributedSampler(data.train, 1, 0))
+        data = cueco.load_folder(args)
+        loader = None if memory_gb == "4" else cueco.make_loader(data.train, 8, 0, 0, torch.device("cpu"))
         x1, x2 = next(cueco.epoch_views(data, 1, 8, 0, torch.device("cpu"), loader, size=24))
         assert x1.shape == x2.shape == (8, 3, 24, 24)
 
@@ -1099,14 +1105,14 @@ def test_imagenet_size_folder_trains_on_both_paths(tmp_path):
 def test_image_size_of_a_folder(tmp_path):
     small = cueco.parse_args(tiny_args(make_folder(tmp_path / "s", size=28), tmp_path / "r"))
     large = cueco.parse_args(tiny_args(make_folder(tmp_path / "l", n_per_class=1, size=300), tmp_path / "r"))
-    assert cueco.load_folder(small, print).image_size == 28 and cueco.load_folder(large, print).image_size == 224
+    assert cueco.load_folder(small).image_size == 28 and cueco.load_folder(large).image_size == 224
 
 
 def test_class_list_and_val_folder(tmp_path):
     folder = make_folder(tmp_path / "d", n_per_class=8, classes=("a", "b", "c"), splits=("train", "val"))
     (tmp_path / "list.txt").write_text("a\nc\n")
     args = cueco.parse_args(tiny_args(folder, tmp_path / "r", "--class-list", str(tmp_path / "list.txt")))
-    data = cueco.load_folder(args, print)
+    data = cueco.load_folder(args)
     assert data.classes == ["a", "c"] and sorted(data.bank_y.unique().tolist()) == [0, 1]
     assert len(data.test_y) == 16
 
