@@ -22,7 +22,7 @@ Sections: 1 configuration; the method as a training step runs it: 2 augmentation
 metrics and t-SNE, 10 figures, 11 data sets, 12 plumbing, 13 main. Results: README.md.
 
     python cueco.py --dataset cifar10                    # CUDA: the paper's setting; else the laptop preset
-    python cueco.py --dataset cifar10 --preset laptop    # minutes to an hour on a CPU (README.md)
+    python cueco.py --dataset cifar10 --preset laptop    # about an hour on 2 CPU cores (README.md)
     torchrun --nproc_per_node=4 cueco.py --dataset folder --data-dir imagenet100 --image-size 224
 """
 import argparse

@@ -769,7 +769,7 @@ def test_a_run_records_its_preset_and_resume_restores_it_on_any_device(tmp_path,
     assert (resumed.preset, resumed.width, resumed.view_scale, resumed.epochs) == ("laptop", 4, 0.5, 5)
 
 
-def test_smaller_views_are_drawn_on_both_data_paths(tmp_path):
+def test_smaller_views_are_drawn_on_both_data_paths(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "d", n_per_class=8)
     for memory_gb in ("4", "0"):
         args = cueco.parse_args(tiny_args(folder, tmp_path / "r", "--memory-gb", memory_gb))
@@ -777,6 +777,17 @@ def test_smaller_views_are_drawn_on_both_data_paths(tmp_path):
         loader = None if memory_gb == "4" else cueco.make_loader(data.train, 8, 0, 0, torch.device("cpu"))
         x1, x2 = next(cueco.epoch_views(data, 1, 8, 0, torch.device("cpu"), loader, size=24))
         assert x1.shape == x2.shape == (8, 3, 24, 24)
+
+    sides, real = [], cueco.epoch_views   # and --view-scale reaches the training step: 32 px * 0.75
+
+    def spy(*args, **kwargs):
+        for x1, x2 in real(*args, **kwargs):
+            sides.append(x1.shape[-1])
+            yield x1, x2
+
+    monkeypatch.setattr(cueco, "epoch_views", spy)
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--view-scale", "0.75", "--tsne-points", "0"))
+    assert set(sides) == {24}
 
 
 def test_time_left_shows_days_past_24_hours():
