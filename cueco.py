@@ -23,7 +23,8 @@ metrics and t-SNE, 10 figures, 11 data sets, 12 plumbing, 13 main. Results: READ
 
     python cueco.py --dataset cifar10                    # CUDA: the paper's setting; else the laptop preset
     python cueco.py --dataset cifar10 --preset laptop    # about an hour on 2 CPU cores (README.md)
-    torchrun --nproc_per_node=4 cueco.py --dataset folder --data-dir imagenet100 --image-size 224
+    python cueco.py --dataset folder --data-dir imagenet --class-list imagenet100.txt --epochs 200 \
+        --batch-size 256 --memory-gb 24                  # ImageNet-100 on one GPU (README.md)
 """
 import argparse
 import collections
@@ -34,14 +35,12 @@ import pickle
 import random
 import sys
 import time
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 # ======================================== 1. Configuration ========================================
@@ -70,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("model and method").add_argument
     a("--width", type=int, default=64, help="base channels of the ResNet-18 (64 = standard)")
     a("--dim", type=int, default=128, help="embedding dimension D")
-    a("--bn-splits", type=int, default=8, help="split batch-norm groups in the global batch")
+    a("--bn-splits", type=int, default=8, help="batch-norm groups of a batch (SplitBatchNorm)")
     a("--queue-size", type=int, default=4096, help="K, keys in the queue")
     a("--temperature", type=float, default=0.1, help="T of the contrastive loss")
     a("--key-momentum", type=float, default=0.99, help="m of the key network's moving average")
@@ -81,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
-    a("--batch-size", type=int, default=512, help="global batch size")
+    a("--batch-size", type=int, default=512, help="images per step")
     a("--lr", type=float, default=0.06, help="SGD learning rate at batch 512 (scaled linearly)")
     a("--weight-decay", type=float, default=5e-4)
     a("--view-scale", type=float, default=1.0, help="side of the training views, as a fraction of the "
@@ -102,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto: bf16 where native (CUDA >= 8.0, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, "
            "else fp32 (fp16 on a CPU: tests only, its convolution backward is ~250x slower)")
     a("--compile", action="store_true", help="torch.compile the query and key networks")
-    a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device (else a loader)")
-    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device (else in host "
+      "memory, copied a batch at a time)")
+    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images")
     return p
 
 def resolve_preset(args) -> str:
@@ -142,6 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 raise CueCoError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.queue_size < 2 * args.batch_size:
         raise CueCoError(f"--queue-size ({args.queue_size}) must hold one step's keys (2 x --batch-size)")
+    if args.batch_size % args.bn_splits:
+        raise CueCoError(f"--batch-size {args.batch_size} is not a multiple of --bn-splits {args.bn_splits}")
     for flag, path in (("--out", args.out), ("--figures-dir", args.figures_dir)):
         try:
             os.makedirs(path, exist_ok=True)
@@ -186,7 +188,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training or s == 1 or n % s:
             return super().forward(x)
         # fold the groups into the channels, [N, C, H, W] -> [N/s, C*s, H, W], a view in PyTorch's
-        # default layout: group j holds samples j, j+s, j+2s, ..., strided as torchrun's ranks share
+        # default layout: group j holds samples j, j+s, j+2s, ...
         mean_run, var_run = self.running_mean.repeat(s), self.running_var.repeat(s)
         y = F.batch_norm(x.reshape(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
                          self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
@@ -262,24 +264,18 @@ class CueCo(nn.Module):
         torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - m)
     @torch.no_grad()
     def keys(self, x: torch.Tensor, shuffle: bool = True):
-        """Keys [n, D] and cosines [n, K_c] of this process's images x [n, 3, S, S], encoded in a random
-        order of the whole (global) batch, so that a key meets other images in its BN group than its
-        query did. Under torchrun, as MoCo: gather the images, rank 0's order, each rank a slice."""
+        """Keys [N, D] and cosines [N, K_c] of images x [N, 3, S, S], encoded in a random order of the
+        batch, so that a key meets other images in its BN group than its query did; then unshuffled."""
         if not shuffle:
             return self.encoder_k(x)
-        rank, world = rank_and_world()
-        x_all = all_gather(x)                                          # x_all: [n*world, 3, S, S]
-        idx = torch.randperm(len(x_all), device=x.device)              # idx: [n*world]
-        if world > 1:
-            dist.broadcast(idx, 0)
-        k, s = self.encoder_k(x_all[idx.view(world, -1)[rank]])        # k: [n, D], s: [n, K_c]
-        mine = torch.argsort(idx).view(world, -1)[rank]                # where this rank's went: [n]
-        return all_gather(k)[mine], all_gather(s)[mine]
+        idx = torch.randperm(len(x), device=x.device)                  # idx: [N]
+        k, s = self.encoder_k(x[idx])                                  # k: [N, D], s: [N, K_c]
+        back = torch.argsort(idx)                                      # back: [N]
+        return k[back], s[back]
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor):
-        """Replace the oldest keys of the queue by k [B, D] (by all ranks' keys under torchrun)."""
-        k = all_gather(k)                                              # k: [B*world, D]
-        idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % len(self.queue)   # [B*world]
+        """Replace the oldest keys of the queue by k [B, D]."""
+        idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % len(self.queue)   # idx: [B]
         self.queue[idx] = k.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(k)) % len(self.queue))
 
@@ -296,15 +292,15 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: f
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Balanced soft assignment (Sinkhorn-Knopp, as SwAV): scores [N, K_c] -> Q [N, K_c], each row
-    summing to 1, each cluster taking 1/K_c of the (global) batch. Ours, over CoKe's minimal cluster
-    size: both forbid one cluster for everything, but Sinkhorn keeps no state across steps and spans
-    GPUs with a few all-reduces; its price, equal sizes per batch, is mild with 100 clusters for 10."""
+    summing to 1, each cluster taking 1/K_c of the batch. Ours, over CoKe's minimal cluster size:
+    both forbid one cluster for everything, but Sinkhorn keeps no state across steps; its price,
+    equal sizes per batch, is mild with 100 clusters for 10 classes."""
     logits = scores.float().t() / eps                                  # logits: [K_c, N]
-    Q = torch.exp(logits - all_reduce(logits.max(), "MAX"))            # one shift for the global batch
-    K_c, N = Q.shape[0], Q.shape[1] * rank_and_world()[1]
-    Q /= all_reduce(Q.sum())                                           # Q: [K_c, N], sums to 1
+    Q = torch.exp(logits - logits.max())                               # Q: [K_c, N], no overflow
+    K_c, N = Q.shape
+    Q /= Q.sum()                                                       # Q: [K_c, N], sums to 1
     for _ in range(iters):
-        Q /= all_reduce(Q.sum(dim=1, keepdim=True)) * K_c              # each cluster: 1/K_c
+        Q /= Q.sum(dim=1, keepdim=True) * K_c                          # each cluster: 1/K_c
         Q /= Q.sum(dim=0, keepdim=True) * N                            # each sample: 1/N
     return (Q * N).t()                                                 # Q: [N, K_c]
 
@@ -319,7 +315,7 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
                tau: float, eps: float, lam: float, shuffle: bool = True):
     """L = L_con(q1, k2) + L_con(q2, k1) + lam * (L_clu(q1, k2) + L_clu(q2, k1)) on two views
     [N, 3, S, S]; returns L, its two parts, the keys to enqueue [2N, D] and each centroid's share of
-    the batch [K_c]. encoder_q is model.encoder_q, or the same wrapped for several GPUs or compiled."""
+    the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile)."""
     q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c]
     q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c]
     k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], no gradient
@@ -346,11 +342,10 @@ def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float) -> torch.
                            lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, device, precision: str,
-          loader=None, start_epoch=0, history=None) -> tuple:
-    """Epochs start_epoch+1 .. args.epochs; each ends (rank 0) with the kNN monitor every
-    --eval-every epochs and at the last, metrics.json and, once a minute at most, a checkpoint.
-    Returns the history and the last epoch's features (bank, test), for the final evaluation."""
-    rank, world = rank_and_world()
+          start_epoch=0, history=None) -> tuple:
+    """Epochs start_epoch+1 .. args.epochs; each ends with the kNN monitor every --eval-every epochs
+    and at the last, metrics.json and, once a minute at most, a checkpoint. Returns the history and
+    the last epoch's features (train, test), for the final evaluation."""
     history = [] if history is None else history
     steps = len(data.train) // args.batch_size
     base_lr = args.lr * args.batch_size / 512   # the recipe's lr is for batch 512
@@ -367,7 +362,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
         t0 = time.time()
         # the two views of each batch (section 7)
-        views = epoch_views(data, epoch, args.batch_size, args.seed, device, loader, rank, world, size)
+        views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
         for step, (x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
             lr = base_lr * 0.5 * (1 + math.cos(angle))
@@ -388,68 +383,53 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
             done += 1
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                avg = (all_reduce(sums.clone()) / (world * (step + 1))).tolist()   # all ranks' mean
+                avg = (sums / (step + 1)).tolist()   # the epoch's means so far: one host sync
                 if not all(map(math.isfinite, avg)):
                     raise CueCoError(f"the loss became NaN/inf in epoch {epoch}; the last checkpoint "
                                      f"is kept in {args.out}; try a lower --lr")
                 speed = (step + 1) * args.batch_size / (time.time() - t0)
                 left = ((args.epochs - epoch + 1) * steps - step - 1) * (time.time() - t_run) / done
-                log(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {avg[0]:.3f} "
-                    f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} | "
-                    f"{size} px, {speed:.0f} img/s | {hms(left)} left")
+                print(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {avg[0]:.3f} "
+                      f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} | "
+                      f"{size} px, {speed:.0f} img/s | {hms(left)} left")
 
         # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
         seconds = time.time() - t0
-        avg = (all_reduce(sums) / (world * max(1, steps))).tolist()
+        avg = (sums / max(1, steps)).tolist()
         record = {"epoch": epoch, "view_size": size, "loss": avg[0], "loss_contrastive": avg[1],
                   "loss_clustering": avg[2], "max_cluster_share": avg[3], "num_clusters": args.num_clusters,
                   "lambda_clu": lam, "lr": lr, "img_per_s": steps * args.batch_size / seconds,
                   "seconds": seconds}
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if rank == 0:
-            if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
-                f_bank, f_test = features(model.encoder_q.backbone, data, device, precision, args.num_workers)
-                record["knn"] = knn_accuracy(f_bank, data.bank_y, f_test, data.test_y)
-                last = (f_bank, f_test) if epoch == args.epochs else None
-                log(f"epoch {epoch}: kNN top-1 {record['knn']:.2f}% ({seconds:.1f}s)")
-            history.append(record)
-            write_json(os.path.join(args.out, "metrics.json"), {"args": vars(args), "epochs": history})
-            if time.time() - last_save >= 60 * args.save_minutes or epoch == args.epochs:
-                save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scaler, epoch,
-                                vars(args), history)
-                last_save = time.time()
-        if world > 1:
-            dist.barrier()
+        if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
+            f_train, f_test = features(model.encoder_q.backbone, data, device, precision)
+            record["knn"] = knn_accuracy(f_train, data.train_y, f_test, data.test_y)
+            last = (f_train, f_test) if epoch == args.epochs else None
+            print(f"epoch {epoch}: kNN top-1 {record['knn']:.2f}% ({seconds:.1f}s)")
+        history.append(record)
+        write_json(os.path.join(args.out, "metrics.json"), {"args": vars(args), "epochs": history})
+        if time.time() - last_save >= 60 * args.save_minutes or epoch == args.epochs:
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scaler, epoch,
+                            vars(args), history)
+            last_save = time.time()
     return history, last
 
 # ========================= 7. Making it fast: whole batches on the device =========================
 # On a GPU, per-image augmentation by a few CPU workers, not the ResNet, limits self-supervised
-# training on CIFAR. When the training set fits in --memory-gb, it lives on the device as one uint8
-# tensor and `augment` draws both views of a whole batch there, from the distribution of
-# `mocov2_transform` (the tests compare the two). Nothing in a step reads a GPU value on the host:
-# statistics stay on the device until a progress line, and per-batch choices come from `random`.
-def epoch_views(data, epoch: int, batch_size: int, seed: int, device, loader=None, rank=0, world=1,
-                size=0):
-    """Two views [b, 3, S, S] of this process's share b = batch_size / world of each batch of an epoch
-    (S = size, or the images' own): whole batches augmented on the device (the memory path), or
-    `mocov2_transform` run by DataLoader workers (the loader path, for data larger than memory)."""
-    size = size or data.image_size
-    if loader is not None:
-        loader.sampler.set_epoch(epoch)
-        for x1, x2 in loader:   # full-size views, shrunk on the device in an epoch of smaller ones
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            if size != data.image_size:
-                x1 = F.interpolate(x1, size=(size, size), mode="bilinear", antialias=True)
-                x2 = F.interpolate(x2, size=(size, size), mode="bilinear", antialias=True)
-            yield x1, x2
-        return
-    order = torch.Generator(device=device).manual_seed(seed + epoch)   # the same on every rank
-    perm = torch.randperm(len(data.train), generator=order, device=device)   # perm: [N]
-    s = seed * 100_003 + epoch * 1009 + rank                                  # this rank's views
+# training on CIFAR. So the training set is decoded once into one uint8 tensor, on the device when it
+# fits in --memory-gb (else in host memory, a batch at a time copied over), and `augment` draws both
+# views of a whole batch on the device, from the distribution of `mocov2_transform` (the tests
+# compare the two). Nothing in a step reads a GPU value on the host: statistics stay on the device
+# until a progress line, and per-batch choices come from `random`.
+def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int):
+    """Two views [B, 3, size, size] of each batch of an epoch, from the images data.train [N, 3, H, W]."""
+    order = torch.Generator(device=data.train.device).manual_seed(seed + epoch)
+    perm = torch.randperm(len(data.train), generator=order, device=data.train.device)   # perm: [N]
+    s = seed * 100_003 + epoch * 1009
     g, rng = torch.Generator(device=device).manual_seed(s), random.Random(s)
-    for i in range(len(perm) // batch_size):   # rank r takes images r, r + world, ... of each batch
-        x = data.train[perm[i * batch_size:(i + 1) * batch_size][rank::world]]   # x: [b, 3, H, W]
+    for i in range(len(perm) // batch_size):
+        x = data.train[perm[i * batch_size:(i + 1) * batch_size]].to(device)   # x: [B, 3, H, W]
         yield augment(x, size, g, rng), augment(x, size, g, rng)
 
 def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.Random):
@@ -535,18 +515,15 @@ def shift_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
 
 # ============================ 8. Evaluation: weighted kNN, linear probe ============================
 @torch.no_grad()
-def features(backbone: nn.Module, data, device, precision="fp32", workers=0, batch_size=512):
-    """Backbone features (float32, on `device`) of the unaugmented bank and test images. Leaves the
+def features(backbone: nn.Module, data, device, precision="fp32", batch_size=512):
+    """Backbone features (float32, on `device`) of the unaugmented training and test images. Leaves the
     backbone in eval mode (batch norm from running statistics); `train` switches back each epoch."""
     backbone.eval()
     out = []
-    for images in (data.bank, data.test):   # uint8 [N, 3, S, S], or Datasets of (image, label)
-        if isinstance(images, torch.Tensor):
-            batches = images.split(batch_size)
-        else:
-            batches = (x for x, _ in DataLoader(images, batch_size, num_workers=workers))
+    for images in (data.train, data.test):                             # uint8 [N, 3, S, S]
         with autocast(device, precision):
-            f = [backbone(normalize(x.to(device).float() / 255, data.image_size)).float() for x in batches]
+            f = [backbone(normalize(x.to(device).float() / 255, data.image_size)).float()
+                 for x in images.split(batch_size)]                    # [batch, F] each
         out.append(torch.cat(f))                                       # [N, F]
     return out
 
@@ -764,11 +741,11 @@ def plot_curves(history: list, path: str, title: str = ""):
     fig.savefig(path)
 
 # ====================== 11. Data sets: CIFAR-10/100 (and CIFAR-20), image folders ======================
-# What a run trains and evaluates on. train: uint8 images [N, 3, S, S] (the memory path) or a Dataset of
-# view pairs (the loader path); bank, bank_y: the labelled images of the kNN monitor and the linear
-# probe (the training images); test, test_y; test_y20: CIFAR-100's 20 superclasses, else None.
-Data = collections.namedtuple("Data", ["train", "bank", "bank_y", "test", "test_y", "classes",
-                                       "image_size", "test_y20"], defaults=[None])
+# What a run trains and evaluates on: uint8 images [N, 3, S, S] and their labels [N]; the training
+# images with their labels are also the kNN monitor's bank and the linear probe's training set.
+# test_y20: CIFAR-100's 20 superclasses, else None.
+Data = collections.namedtuple("Data", ["train", "train_y", "test", "test_y", "classes", "image_size",
+                                       "test_y20"], defaults=[None])
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Sorted indices of n samples, class counts within one of each other, drawn reproducibly."""
@@ -787,26 +764,20 @@ def read_image(path: str):
         raise CueCoError(f"cannot read image {path}: {str(e).splitlines()[0][:100]}") from None
 
 class Images(Dataset):
-    """Image files [(path, label)] -> (transform(image), label); with a seed, item (i, epoch) is a pair
-    of views drawn from (seed, epoch, i) alone: whichever worker, after whichever restart."""
-    def __init__(self, samples: list, transform, seed: int | None = None):
-        self.samples, self.transform, self.seed = samples, transform, seed
+    """Image files [(path, label)] -> transform(image), for DataLoader workers to decode in parallel."""
+    def __init__(self, samples: list, transform):
+        self.samples, self.transform = samples, transform
     def __len__(self):
         return len(self.samples)
-    def __getitem__(self, key):
-        if self.seed is None:   # key: an index
-            path, label = self.samples[key]
-            return self.transform(read_image(path)), label
-        i, epoch = key   # from EpochSampler
-        x = read_image(self.samples[i][0])
-        with torch.random.fork_rng(devices=[]):   # torchvision draws from the global generator
-            torch.manual_seed((self.seed * 1009 + epoch) * len(self) + i)
-            return self.transform(x), self.transform(x)
+    def __getitem__(self, i):
+        return self.transform(read_image(self.samples[i][0]))
 
-class EpochSampler(DistributedSampler):
-    """This rank's share of a shuffled epoch, each index with its epoch: (i, epoch) for `Images`."""
-    def __iter__(self):
-        return ((i, self.epoch) for i in super().__iter__())
+def decode(samples: list, transform, size: int, workers: int) -> torch.Tensor:
+    """All the images as uint8 [N, 3, S, S], filled in place (ImageNet-100's 19 GB are not held twice)."""
+    out = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
+    for i, x in enumerate(DataLoader(Images(samples, transform), 256, num_workers=workers)):
+        out[256 * i:256 * i + len(x)] = x                              # x: [256, 3, S, S]
+    return out
 
 def scan(path: str, keep: list | None):
     """(path, label) pairs and class names of an ImageFolder layout; with `keep`, only those classes."""
@@ -826,7 +797,7 @@ def scan(path: str, keep: list | None):
     return samples, classes
 
 def load_folder(args) -> Data:
-    """An image folder: decoded into memory if it fits in --memory-gb (CIFAR), else a loader (ImageNet)."""
+    """An image folder, decoded: 32 px as they are, large images resized to 256 and centre-cropped to 224."""
     root, keep = args.data_dir, None
     if args.class_list:
         try:
@@ -847,12 +818,9 @@ def load_folder(args) -> Data:
     size = size if args.image_size or size <= 64 else 224              # large images: 224 px
     resize = [v2.Resize((size, size))] if size <= 64 else [v2.Resize(size * 8 // 7), v2.CenterCrop(size)]
     plain = v2.Compose([v2.PILToTensor(), *resize])                    # uint8 [3, S, S]
-    if len(train) * 3 * size * size > args.memory_gb * 2**30:          # the loader path
-        return Data(Images(train, mocov2_transform(size), args.seed), Images(train, plain), ys[0],
-                    Images(test, plain), ys[1], classes, size)
-    decoded = [torch.cat([x for x, _ in DataLoader(Images(s, plain), 256, num_workers=args.num_workers)])
-               for s in (train, test)]                                 # uint8 [N, 3, S, S]
-    return Data(decoded[0], decoded[0], ys[0], decoded[1], ys[1], classes, size)
+    train_x = decode(train, plain, size, args.num_workers)             # train_x: [N, 3, S, S]
+    test_x = decode(test, plain, size, args.num_workers)               # test_x: [T, 3, S, S]
+    return Data(train_x, ys[0], test_x, ys[1], classes, size)
 
 def load_cifar(args) -> Data:
     """CIFAR-10 or CIFAR-100 through torchvision, downloaded if need be, as uint8 tensors."""
@@ -874,24 +842,20 @@ def load_cifar(args) -> Data:
     if name == "cifar100":   # the coarse labels that CIFAR-100's own test file carries
         with open(os.path.join(root, cls.base_folder, "test"), "rb") as f:
             y20 = torch.tensor(pickle.load(f, encoding="latin1")["coarse_labels"])[test]
-    return Data(xs[0][train], xs[0][train], ys[0][train], xs[1][test], ys[1][test], sets[1].classes, 32, y20)
+    return Data(xs[0][train], ys[0][train], xs[1][test], ys[1][test], sets[1].classes, 32, y20)
 
-# ======================= 12. Plumbing: device, precision, processes, checkpoints =======================
-def setup_device(name: str):
-    """(device, rank, world); under torchrun, one process per GPU (NCCL) or CPU worker (gloo)."""
+# ============================ 12. Plumbing: device, precision, checkpoints ============================
+def setup_device(name: str) -> torch.device:
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
         torch.empty(0, device=device)   # fails here, not later, if PyTorch cannot use the device
     except (RuntimeError, AssertionError) as e:
         raise CueCoError(f"--device {name} cannot be used here ({str(e).splitlines()[0][:80]})") from None
-    if device.type == "cuda":   # under torchrun, this process's GPU; --device cuda:1 is made current too
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+    if device.type == "cuda":   # --device cuda:1 is made the current GPU too
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True   # every batch has the same shape: the fastest kernels
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # the other ranks wait while rank 0 evaluates (minutes on ImageNet): longer than the default 10 min
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
-    return (device, *rank_and_world())
+    return device
 
 def pick_precision(device, precision: str = "auto") -> tuple:
     """(precision, why). auto: bf16 where the hardware computes it natively (CUDA compute capability
@@ -912,49 +876,6 @@ def pick_precision(device, precision: str = "auto") -> tuple:
 def autocast(device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
-
-def log(*text):
-    """print, on rank 0 only."""
-    if rank_and_world()[0] == 0:
-        print(*text, flush=True)
-
-def rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """x of every rank, concatenated in rank order; x itself in a single process."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-def all_reduce(x: torch.Tensor, op: str = "SUM") -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
-    return x
-
-def query_network(model: CueCo, device, world: int, compile: bool) -> nn.Module:
-    """encoder_q as the step calls it: wrapped for several processes, compiled with --compile."""
-    encoder_q = model.encoder_q
-    if world > 1:   # no buffer broadcast: a rank's BN statistics are its own, and a broadcast between
-        # the two forwards of a step would overwrite what backward needs (torch >= 2.6 raises)
-        ids = [device] if device.type == "cuda" else None
-        encoder_q = nn.parallel.DistributedDataParallel(encoder_q, device_ids=ids, broadcast_buffers=False)
-    if compile:   # static shapes: every batch has the same size
-        encoder_q = torch.compile(encoder_q, dynamic=False)
-        model.encoder_k.compile(dynamic=False)
-    return encoder_q
-
-def make_loader(train: Dataset, batch_size: int, seed: int, workers: int, device, rank=0, world=1):
-    """This rank's batches of view pairs, len(train) // batch_size of them, from workers started once."""
-    sampler = EpochSampler(train, world, rank, seed=seed, drop_last=True)   # the same steps on every rank
-    return DataLoader(train, batch_size // world, sampler=sampler, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed))   # not the global one: key shuffles
 
 CHECKPOINT_FORMAT = "cueco-checkpoint-v1"
 
@@ -1001,49 +922,42 @@ def data_name(args) -> str:
 
 def run(argv=None) -> dict:
     args = parse_args(argv)
-    device, rank, world = setup_device(args.device)
+    device = setup_device(args.device)
     precision, why = pick_precision(device, args.precision)
     preset = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[args.preset])
     if args.preset != "paper":
         preset += "; the paper's setting, 800 epochs at width 64 (weeks without a GPU): --preset paper"
-    log(f"preset {args.preset}: {preset or 'the MoCo CIFAR-10 notebook recipe'} | {device} x {world}, "
-        f"{precision} ({why})")
-    if args.batch_size % world or (args.batch_size // world) % max(1, args.bn_splits // world):
-        raise CueCoError(f"--batch-size {args.batch_size} must split evenly over {world} process(es) "
-                         f"and --bn-splits {args.bn_splits} batch-norm groups")
+    print(f"preset {args.preset}: {preset or 'the MoCo CIFAR-10 notebook recipe'} | {device}, "
+          f"{precision} ({why})")
 
     torch.manual_seed(args.seed)
-    if world > 1 and rank > 0:
-        dist.barrier()   # rank 0 downloads first, alone
     data = load_folder(args) if args.dataset == "folder" else load_cifar(args)
-    if world > 1 and rank == 0:
-        dist.barrier()
     if args.epochs > 0 and len(data.train) < args.batch_size:
         raise CueCoError(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training images")
-    loader = None
-    if isinstance(data.train, torch.Tensor):   # the memory path: the training set lives on the device
+    if data.train.numel() <= args.memory_gb * 2**30:   # else it stays in host memory (section 7)
         data = data._replace(train=data.train.to(device))
-    else:
-        loader = make_loader(data.train, args.batch_size, args.seed, args.num_workers, device, rank, world)
 
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
-                  max(1, args.bn_splits // world)).to(device)
+                  args.bn_splits).to(device)
     optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     history, start_epoch = [], 0
     if args.resume:
         ckpt = load_checkpoint(args.resume, model, optimizer, scaler)
         history, start_epoch = ckpt["history"], ckpt["epoch"]
-        log(f"resumed from {args.resume} at epoch {start_epoch}")
-    encoder_q = query_network(model, device, world, args.compile)
-    log(f"{method_name(args)} on {data_name(args)}: {len(data.train)} train, {len(data.test_y)} test "
-        f"images, {data.image_size} px, ResNet-18 width {args.width}, "
-        f"{'memory' if loader is None else 'loader'} path")
+        print(f"resumed from {args.resume} at epoch {start_epoch}")
+    encoder_q = model.encoder_q   # as the step calls it
+    if args.compile:   # static shapes: every batch has the same size
+        encoder_q = torch.compile(model.encoder_q, dynamic=False)
+        model.encoder_k.compile(dynamic=False)
+    print(f"{method_name(args)} on {data_name(args)}: {len(data.train)} train, {len(data.test_y)} test "
+          f"images, {data.image_size} px, ResNet-18 width {args.width}, training images on "
+          f"{data.train.device}")
 
     try:
-        _, feats = train(args, model, encoder_q, optimizer, scaler, data, device, precision, loader,
-                         start_epoch, history)
-        return report(args, model, data, device, precision, history, feats) if rank == 0 else {}
+        _, feats = train(args, model, encoder_q, optimizer, scaler, data, device, precision, start_epoch,
+                         history)
+        return report(args, model, data, device, precision, history, feats)
     except KeyboardInterrupt:
         path = os.path.join(args.out, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -1059,11 +973,11 @@ def method_name(args) -> str:
 @torch.no_grad()
 def report(args, model, data, device, precision, history, feats=None) -> dict:
     """The final metrics (kNN, linear probe, k-means NMI/ARI/ACC, CIFAR-20's with suffix 20), the
-    figures and metrics.json, on rank 0; feats: the last epoch's features, if it extracted them."""
-    f_bank, f_test = feats or features(model.encoder_q.backbone, data, device, precision, args.num_workers)
-    final = {"knn": knn_accuracy(f_bank, data.bank_y, f_test, data.test_y)}
+    figures and metrics.json; feats: the last epoch's features, if it extracted them."""
+    f_train, f_test = feats or features(model.encoder_q.backbone, data, device, precision)
+    final = {"knn": knn_accuracy(f_train, data.train_y, f_test, data.test_y)}
     with torch.enable_grad():
-        final["linear"] = linear_probe(f_bank, data.bank_y, f_test, data.test_y, seed=args.seed)
+        final["linear"] = linear_probe(f_train, data.train_y, f_test, data.test_y, seed=args.seed)
     clusters = kmeans(f_test, len(data.classes), seed=args.seed)       # clusters: [N_test]
     final.update(cluster_metrics(clusters, data.test_y))
     if data.test_y20 is not None:
@@ -1083,10 +997,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
 
     # what the network groups without labels: for each cluster (up to 20), the images nearest its centre
     rows = cluster_exemplars(f_test, clusters)[:20]                    # rows: [<=20, 10]
-    def test_image(i):   # uint8 [3, S, S]; a Dataset gives (image, label)
-        return data.test[i] if isinstance(data.test, torch.Tensor) else data.test[i][0]
-
-    images = [[test_image(i) if i >= 0 else None for i in row] for row in rows.tolist()]
+    images = [[data.test[i] if i >= 0 else None for i in row] for row in rows.tolist()]   # uint8 [3, S, S]
     names = [f"{int((clusters == c).sum())} ~ {data.classes[matched[row[0]]] if row[0] >= 0 else ''}"
              for c, row in enumerate(rows.tolist())]
     plot_clusters(images, names, os.path.join(args.figures_dir, f"clusters_{name}.png"),
@@ -1096,7 +1007,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
                     f"{title} (lambda {args.lambda_clu}, warm-up {args.clu_warmup}, K_c {args.num_clusters})")
     write_json(os.path.join(args.out, "metrics.json"), {"args": vars(args), "epochs": history,
                                                         "final": final})
-    log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return final
 
 def main(argv=None) -> dict:
@@ -1107,9 +1018,7 @@ def main(argv=None) -> dict:
         msg = str(e).strip().splitlines()[-1].split("CueCoError: ", 1)[-1]
         print(f"cueco.py: error: {msg}", file=sys.stderr)
         raise SystemExit(130 if msg.startswith("interrupted") else 2) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)   # each progress line reaches a log file at once
     main()
