@@ -50,7 +50,7 @@ class CueCoError(Exception):
 # A preset is a named set of defaults; a flag given on the command line wins over it. "paper" is the
 # parser's own defaults: the MoCo CIFAR-10 notebook's recipe for 800 epochs, a GPU's job. "laptop"
 # (ours) trains a narrow network on all the images for 16 epochs of 24-px views, in the time of 8
-# epochs of 32-px ones (README.md). --preset auto: paper on a CUDA GPU, else laptop.
+# epochs of 32-px ones (README.md).
 PRESETS = {"paper": {},
            "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4}}
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--resume", default=None, help="checkpoint.pt to continue from; its settings are the defaults")
     a("--save-minutes", type=float, default=1.0, help="checkpoint after each epoch that ends this long "
-      "after the last one, and at the end (at most an epoch or a minute of work is ever lost)")
+      "after the last one, and at the end (a crash loses at most about this much and an epoch)")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--eval-every", type=int, default=10, help="kNN monitor every N epochs (0: only at the end)")
     a("--tsne-points", type=int, default=2000, help="test images in the t-SNE figure (0 = none)")
@@ -98,12 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("machine").add_argument
     a("--device", default="auto", help="auto (CUDA if present, else the CPU) | cpu | cuda | cuda:N | mps")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-      help="auto: bf16 where native (CUDA >= 8.0, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, "
-           "else fp32 (fp16 on a CPU: tests only, its convolution backward is ~250x slower)")
+      help="auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32 (pick_precision)")
     a("--compile", action="store_true", help="torch.compile the query and key networks")
     a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device (else in host "
       "memory, copied a batch at a time)")
-    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images")
+    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding a folder's images")
     return p
 
 def resolve_preset(args) -> str:
@@ -112,6 +111,10 @@ def resolve_preset(args) -> str:
         return args.preset
     gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     return "paper" if gpu else "laptop"
+
+def data_name(args) -> str:
+    """The data set, or a folder's own name (cifar10-jpeg): names the output folder and the figures."""
+    return args.dataset if args.dataset != "folder" else os.path.basename(os.path.normpath(args.data_dir))
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags over the preset's defaults (--resume: the run's own settings), checked now, not late."""
@@ -161,8 +164,9 @@ def norm_stats(size: int):
     return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def mocov2_transform(size: int) -> v2.Compose:
-    """MoCo-v2's random view of one image, in torchvision: the specification of the views, which
-    `augment` (section 7) draws for a whole batch at once. Blur is the ImageNet recipe's alone."""
+    """MoCo-v2's random view of one image of this size, in torchvision: the specification of the
+    views. The script draws them with `augment` (section 7), a whole batch at once on the device; the
+    tests check the two against each other. Blur is the ImageNet recipe's alone."""
     mean, std = norm_stats(size)
     tfs = [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
            v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -318,8 +322,8 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
     the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile)."""
     q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c]
     q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c]
-    k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], no gradient
-    k2, sk2 = model.keys(x2, shuffle)                                  # k2: [N, D], sk2: [N, K_c]
+    k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, K_c]
+    k2, sk2 = model.keys(x2, shuffle)                                  # k2, sk2 alike; no gradient
     queue = model.queue                                                # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)   # scalar
@@ -344,7 +348,7 @@ def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float) -> torch.
 def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, device, precision: str,
           start_epoch=0, history=None) -> tuple:
     """Epochs start_epoch+1 .. args.epochs; each ends with the kNN monitor every --eval-every epochs
-    and at the last, metrics.json and, once a minute at most, a checkpoint. Returns the history and
+    and at the last, metrics.json and, every --save-minutes at most, a checkpoint. Returns the history and
     the last epoch's features (train, test), for the final evaluation."""
     history = [] if history is None else history
     steps = len(data.train) // args.batch_size
@@ -358,10 +362,11 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
     for epoch in range(start_epoch + 1, args.epochs + 1):
         model.train()
         lam = clustering_weight(args.lambda_clu, epoch, args.epochs, args.clu_warmup)
-        torch.manual_seed(args.seed * 1009 + epoch)   # key shuffles: a resumed run draws the same
+        # each epoch seeds its own random streams (key shuffles here, views in epoch_views), so a
+        # resumed run draws exactly what the uninterrupted one would have
+        torch.manual_seed(args.seed * 1009 + epoch)
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
         t0 = time.time()
-        # the two views of each batch (section 7)
         views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
         for step, (x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
@@ -416,8 +421,8 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
     return history, last
 
 # ========================= 7. Making it fast: whole batches on the device =========================
-# On a GPU, per-image augmentation by a few CPU workers, not the ResNet, limits self-supervised
-# training on CIFAR. So the training set is decoded once into one uint8 tensor, on the device when it
+# The usual recipe, DataLoader workers augmenting one image at a time on the CPU, would limit CIFAR
+# training on a GPU more than the ResNet does. So the training set is decoded once into one uint8 tensor, on the device when it
 # fits in --memory-gb (else in host memory, a batch at a time copied over), and `augment` draws both
 # views of a whole batch on the device, from the distribution of `mocov2_transform` (the tests
 # compare the two). Nothing in a step reads a GPU value on the host: statistics stay on the device
@@ -535,7 +540,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, chunk=1024) -> 
     train_x = F.normalize(train_x.float(), dim=1)                      # train_x: [N, F]
     test_x = F.normalize(test_x.to(dev).float(), dim=1)                # test_x: [T, F]
     train_y, test_y = train_y.to(dev), test_y.to(dev)                  # [N], [T]
-    num_classes, correct = int(max(train_y.max(), test_y.max())) + 1, 0
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
     for i in range(0, len(test_x), chunk):
         sim = test_x[i:i + chunk] @ train_x.t()                        # sim: [M, N]
         top_sim, top_idx = sim.topk(min(k, len(train_x)), dim=1)       # [M, k]
@@ -916,10 +922,6 @@ def hms(seconds: float) -> str:
     return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 # ============== 13. Main: data, model, resume, train, evaluate, figures, metrics.json ==============
-def data_name(args) -> str:
-    """The data set, or a folder's own name (cifar10-jpeg): names the output folder and the figures."""
-    return args.dataset if args.dataset != "folder" else os.path.basename(os.path.normpath(args.data_dir))
-
 def run(argv=None) -> dict:
     args = parse_args(argv)
     device = setup_device(args.device)
@@ -946,7 +948,7 @@ def run(argv=None) -> dict:
         ckpt = load_checkpoint(args.resume, model, optimizer, scaler)
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         print(f"resumed from {args.resume} at epoch {start_epoch}")
-    encoder_q = model.encoder_q   # as the step calls it
+    encoder_q = model.encoder_q   # the step calls it; checkpoints save the plain model's state
     if args.compile:   # static shapes: every batch has the same size
         encoder_q = torch.compile(model.encoder_q, dynamic=False)
         model.encoder_k.compile(dynamic=False)
@@ -998,8 +1000,10 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     # what the network groups without labels: for each cluster (up to 20), the images nearest its centre
     rows = cluster_exemplars(f_test, clusters)[:20]                    # rows: [<=20, 10]
     images = [[data.test[i] if i >= 0 else None for i in row] for row in rows.tolist()]   # uint8 [3, S, S]
-    names = [f"{int((clusters == c).sum())} ~ {data.classes[matched[row[0]]] if row[0] >= 0 else ''}"
-             for c, row in enumerate(rows.tolist())]
+    names = []
+    for c, row in enumerate(rows.tolist()):   # "size ~ matched class"; none where no class is left for it
+        cls = int(matched[row[0]]) if row[0] >= 0 else -1
+        names.append(f"{int((clusters == c).sum())} ~ {data.classes[cls] if cls >= 0 else ''}")
     plot_clusters(images, names, os.path.join(args.figures_dir, f"clusters_{name}.png"),
                   f"{title}\nthe test images nearest each k-means centre (row: cluster size ~ matched class)")
     if history:

@@ -935,6 +935,18 @@ def test_a_checkpoint_once_a_minute_at_most_and_at_the_end(tmp_path, monkeypatch
     assert saved == expected
 
 
+def test_a_cluster_without_a_class_is_not_named_after_one(tmp_path, monkeypatch):
+    """3 classes in training, 2 in the test set: k-means makes 3 clusters, and the one that no class is left
+    for must be shown unnamed, not as the class at a negative index."""
+    folder, shown = make_folder(tmp_path / "d", n_per_class=8, classes=("a", "b", "c")), []
+    for f in os.listdir(os.path.join(folder, "test", "c")):
+        os.remove(os.path.join(folder, "test", "c", f))
+    monkeypatch.setattr(cueco, "plot_clusters", lambda images, names, *a: shown.extend(names))
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0"))
+    classes = [name.split(" ~ ")[1] for name in shown]
+    assert sorted(classes) == ["", "a", "b"], shown
+
+
 def test_epochs_zero_evaluates_the_untrained_network(tmp_path, monkeypatch):
     folder, steps = make_folder(tmp_path / "d", n_per_class=8), []
     monkeypatch.setattr(cueco, "cueco_loss", lambda *a, **k: steps.append(1))
@@ -990,7 +1002,7 @@ def test_balanced_subset():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the GPU path, tested on a CPU: precision, the global key shuffle, torch.compile, fake CUDA tensors
+# the GPU path, tested on a CPU: precision, torch.compile, fake CUDA tensors
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
