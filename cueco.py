@@ -132,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.dataset not in ("cifar10", "cifar100", "folder"):
         raise CueCoError(f"unknown data set '{args.dataset}': choose cifar10, cifar100 or folder")
+    if args.dataset != "folder" and args.image_size not in (0, 32):   # before any download
+        raise CueCoError(f"--image-size {args.image_size} differs from {args.dataset}'s 32 px images")
     rules = [("batch_size width dim queue_size num_clusters bn_splits log_every lr temperature "
               "clu_temperature sinkhorn_eps", "> 0", lambda v: v > 0),
              ("epochs limit_train limit_test eval_every num_workers image_size tsne_points lambda_clu "
@@ -838,8 +840,6 @@ def load_cifar(args) -> Data:
         raise CueCoError(f"could not load or download {name} into {root} ({type(e).__name__}: "
                          f"{str(e)[:80]}); without internet, download {cls.filename} from {cls.url} "
                          f"elsewhere and put it into {root} by hand, or use --dataset folder") from None
-    if args.image_size not in (0, 32):
-        raise CueCoError(f"--image-size {args.image_size} differs from {name}'s 32 px images")
     xs = [torch.as_tensor(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]   # uint8 [N, 3, 32, 32]
     ys = [torch.as_tensor(s.targets) for s in sets]
     train = balanced_subset(ys[0], args.limit_train, args.seed)

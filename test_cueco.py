@@ -672,6 +672,7 @@ def test_resume_into_another_model_is_one_line(tmp_path, capsys):
     (["--clu-warmup", "2"], "--clu-warmup must be in [0, 1]"),
     (["--view-scale", "0"], "--view-scale must be in (0, 1]"),
     (["--view-scale", "1.5"], "--view-scale must be in (0, 1]"),
+    (["--image-size", "64"], "--image-size 64 differs from cifar10's 32 px"),
     (["--batch-size", "100"], "--bn-splits 8"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/x"], "does not exist"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
