@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the query and key networks")
     a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device (else in host "
       "memory, copied a batch at a time)")
-    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding a folder's images")
+    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+      help="processes decoding a folder's images")
     return p
 
 def resolve_preset(args) -> str:
@@ -350,8 +351,8 @@ def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float) -> torch.
 def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, device, precision: str,
           start_epoch=0, history=None) -> tuple:
     """Epochs start_epoch+1 .. args.epochs; each ends with the kNN monitor every --eval-every epochs
-    and at the last, metrics.json and, every --save-minutes at most, a checkpoint. Returns the history and
-    the last epoch's features (train, test), for the final evaluation."""
+    and at the last, metrics.json and, every --save-minutes at most, a checkpoint. Returns the
+    history and the last epoch's features (train, test), for the final evaluation."""
     history = [] if history is None else history
     steps = len(data.train) // args.batch_size
     base_lr = args.lr * args.batch_size / 512   # the recipe's lr is for batch 512
@@ -424,11 +425,11 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
 
 # ========================= 7. Making it fast: whole batches on the device =========================
 # The usual recipe, DataLoader workers augmenting one image at a time on the CPU, would limit CIFAR
-# training on a GPU more than the ResNet does. So the training set is decoded once into one uint8 tensor, on the device when it
-# fits in --memory-gb (else in host memory, a batch at a time copied over), and `augment` draws both
-# views of a whole batch on the device, from the distribution of `mocov2_transform` (the tests
-# compare the two). Nothing in a step reads a GPU value on the host: statistics stay on the device
-# until a progress line, and per-batch choices come from `random`.
+# training on a GPU more than the ResNet does. So the training set is decoded once into one uint8
+# tensor, on the device when it fits in --memory-gb (else in host memory, a batch at a time copied
+# over), and `augment` draws both views of a whole batch on the device, from the distribution of
+# `mocov2_transform` (the tests compare the two). Nothing in a step reads a GPU value on the host:
+# statistics stay on the device until a progress line, and per-batch choices come from `random`.
 def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int):
     """Two views [B, 3, size, size] of each batch of an epoch, from the images data.train [N, 3, H, W]."""
     order = torch.Generator(device=data.train.device).manual_seed(seed + epoch)
