@@ -48,17 +48,18 @@ class CueCoError(Exception):
     """A problem with the user's input or machine: one line on stderr, exit status 2, no traceback."""
 
 # A preset is a named set of defaults; a flag given on the command line wins over it. "paper" is the
-# parser's own defaults: the MoCo CIFAR-10 notebook's recipe for 800 epochs, a GPU's job. "laptop"
-# (ours) trains a narrow network on all the images for 16 epochs of 24-px views, in the time of 8
-# epochs of 32-px ones (README.md).
-PRESETS = {"paper": {},
+# parser's own defaults: the paper's network and batch for 800 epochs. "gpu" (ours) stops at 200, which
+# a free Colab T4 session can finish, for about 95% of the accuracy (the MoCo notebook: 85.3% kNN at 200
+# epochs, 89.7% at 800). "laptop" (ours) trains a narrow network on all the images for 16 epochs of
+# 24-px views, in the time of 8 epochs of 32-px ones (README.md).
+PRESETS = {"paper": {}, "gpu": {"epochs": 200},
            "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4}}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cueco.py", description="CueCo self-supervised learning, one file",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="auto", choices=["auto", "paper", "laptop"],
-                   help="defaults that flags you give override: auto = paper on a CUDA GPU, else laptop")
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                   help="defaults that flags you give override: auto = gpu on a CUDA GPU, else laptop")
     a = p.add_argument_group("data").add_argument
     a("--dataset", default="cifar10", help="cifar10 | cifar100 | folder (train/, test/ or val/)")
     a("--data-dir", default=None, help="where the data set is or is downloaded to [data/<dataset>]")
@@ -107,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def resolve_preset(args) -> str:
-    """--preset auto: the paper's setting on a CUDA GPU, the laptop preset on a CPU or Apple's MPS."""
+    """--preset auto: the gpu preset on a CUDA GPU, the laptop preset on a CPU or Apple's MPS."""
     if args.preset != "auto":
         return args.preset
     gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    return "paper" if gpu else "laptop"
+    return "gpu" if gpu else "laptop"
 
 def data_name(args) -> str:
     """The data set, or a folder's own name (cifar10-jpeg): names the output folder and the figures."""
@@ -201,7 +202,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
                          self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
         self.running_mean.copy_(mean_run.view(s, c).mean(0))   # the groups' statistics, averaged
         self.running_var.copy_(var_run.view(s, c).mean(0))
-        self.num_batches_tracked += 1
+        self.num_batches_tracked.add_(1)   # in place, the form nn.BatchNorm and compilers use
         return y
 
 class BasicBlock(nn.Module):
@@ -360,8 +361,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
     # enlarge the objects, so views of 3/4 the size show them about as large as the whole test images
     # do (FixRes, Touvron et al. 2019).
     size = round(args.view_scale * data.image_size)
-    t_run = last_save = time.time()
-    done, last = 0, None
+    last_save, last = time.time(), None
     for epoch in range(start_epoch + 1, args.epochs + 1):
         model.train()
         lam = clustering_weight(args.lambda_clu, epoch, args.epochs, args.clu_warmup)
@@ -369,7 +369,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         # resumed run draws exactly what the uninterrupted one would have
         torch.manual_seed(args.seed * 1009 + epoch)
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
-        t0 = time.time()
+        t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
         views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
         for step, (x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
@@ -389,14 +389,18 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             model.enqueue(keys)
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
-            done += 1
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 avg = (sums / (step + 1)).tolist()   # the epoch's means so far: one host sync
                 if not all(map(math.isfinite, avg)):
                     raise CueCoError(f"the loss became NaN/inf in epoch {epoch}; the last checkpoint "
                                      f"is kept in {args.out}; try a lower --lr")
-                speed = (step + 1) * args.batch_size / (time.time() - t0)
-                left = ((args.epochs - epoch + 1) * steps - step - 1) * (time.time() - t_run) / done
+                # the rate since the epoch's first progress line: not slowed by what came before it
+                # (compilation, cuDNN's autotuning, the kNN monitor, the last epoch's checkpoint)
+                now = time.time()
+                mark = mark or (now, step + 1)
+                per_step = (now - mark[0]) / (step + 1 - mark[1]) if mark[1] <= step else (now - t0) / (step + 1)
+                speed = args.batch_size / per_step
+                left = ((args.epochs - epoch + 1) * steps - step - 1) * per_step
                 print(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {avg[0]:.3f} "
                       f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} | "
                       f"{size} px, {speed:.0f} img/s | {hms(left)} left")
@@ -428,8 +432,10 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
 # training on a GPU more than the ResNet does. So the training set is decoded once into one uint8
 # tensor, on the device when it fits in --memory-gb (else in host memory, a batch at a time copied
 # over), and `augment` draws both views of a whole batch on the device, from the distribution of
-# `mocov2_transform` (the tests compare the two). Nothing in a step reads a GPU value on the host:
-# statistics stay on the device until a progress line, and per-batch choices come from `random`.
+# `mocov2_transform` (the tests compare the two). Nothing in a step makes the host wait for the GPU:
+# statistics stay on the device until a progress line, per-batch choices come from `random`, and a
+# batch from host memory is copied from page-locked memory without waiting (fp16 aside: its gradient
+# scaler reads one value a step to skip steps whose gradients overflowed).
 def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int):
     """Two views [B, 3, size, size] of each batch of an epoch, from the images data.train [N, 3, H, W]."""
     order = torch.Generator(device=data.train.device).manual_seed(seed + epoch)
@@ -437,8 +443,17 @@ def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int)
     s = seed * 100_003 + epoch * 1009
     g, rng = torch.Generator(device=device).manual_seed(s), random.Random(s)
     for i in range(len(perm) // batch_size):
-        x = data.train[perm[i * batch_size:(i + 1) * batch_size]].to(device)   # x: [B, 3, H, W]
+        x = batch_to(data.train, perm[i * batch_size:(i + 1) * batch_size], device)   # x: [B, 3, H, W]
         yield augment(x, size, g, rng), augment(x, size, g, rng)
+
+def batch_to(images: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+    """images[idx] on `device`. From host memory to a GPU: gathered into page-locked memory, whose copy
+    runs without stopping the host; the gathering of the next batch then overlaps the GPU's step, and
+    PyTorch reuses the page-locked block once its copy is done."""
+    if images.device.type != "cpu" or device.type != "cuda":
+        return images[idx].to(device)
+    x = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=True)   # [B, 3, H, W]
+    return torch.index_select(images, 0, idx, out=x).to(device, non_blocking=True)
 
 def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.Random):
     """One random view of every image of a batch, uint8 [B, 3, H, W] -> normalised float
@@ -669,8 +684,10 @@ def cluster_exemplars(f: torch.Tensor, clusters: torch.Tensor, n: int = 10) -> t
 
 @torch.no_grad()
 def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
-    """Exact t-SNE (van der Maaten & Hinton 2008), [N, F] -> [N, 2]: PCA init, exaggeration 12, gains."""
-    x = x.detach().cpu().double()   # on the host first: Apple's MPS has no float64
+    """Exact t-SNE (van der Maaten & Hinton 2008), [N, F] -> [N, 2]: PCA init, exaggeration 12, gains.
+    The perplexity bisection runs in float64 on the host (Apple's MPS has none), the 750 steps of the
+    optimisation in float32 on x's device: a GPU's seconds, not a minute of Colab's two CPU cores."""
+    device, x = x.device, x.detach().cpu().double()
     x, n = x - x.mean(0), len(x)                                       # x: [N, F]
     d2 = torch.cdist(x, x) ** 2                                        # d2: [N, N]
     d2.fill_diagonal_(float("inf"))   # a point is not its own neighbour
@@ -684,10 +701,10 @@ def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
         H = -(P * torch.log(P.clamp_min(1e-300))).sum(1, keepdim=True)   # H: [N, 1]
         too_flat = H > target                                          # [N, 1]: narrower Gaussians
         lo, hi = torch.where(too_flat, mid, lo), torch.where(too_flat, hi, mid)   # [N, 1] each
-    P = ((P + P.t()) / (2 * n)).float().clamp_min(1e-12)               # P_ij: [N, N]
+    P = ((P + P.t()) / (2 * n)).float().clamp_min(1e-12).to(device)    # P_ij: [N, N]
     y = (x @ torch.linalg.svd(x, full_matrices=False)[2][:2].t()).float()   # y: [N, 2]
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))   # noise: [N, 2]
-    y = y / y[:, 0].std() * 1e-4 + 1e-8 * noise                        # y: [N, 2], tiny
+    y = (y / y[:, 0].std() * 1e-4 + 1e-8 * noise).to(device)           # y: [N, 2], tiny
     lr, update, gains = max(n / 48, 50.0), torch.zeros_like(y), torch.ones_like(y)   # [N, 2] each
     for it in range(iters):
         exaggeration = 12.0 if it < 250 else 1.0
@@ -855,14 +872,33 @@ def load_cifar(args) -> Data:
 def setup_device(name: str) -> torch.device:
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-        torch.empty(0, device=device)   # fails here, not later, if PyTorch cannot use the device
-    except (RuntimeError, AssertionError) as e:
-        raise CueCoError(f"--device {name} cannot be used here ({str(e).splitlines()[0][:80]})") from None
+        # a real kernel, read back: it fails here, not at the first step, where PyTorch cannot compute
+        # (allocating runs no kernel, so it passes on a GPU that this PyTorch build has no code for)
+        (torch.ones(2, device=device) * 2).sum().item()
+    except Exception as e:
+        msg = str(e).splitlines()[0][:80]
+        if "no kernel image" in msg:   # e.g. a V100 (sm_70) with the cu128/cu130 wheels of torch >= 2.11
+            msg += ("; this PyTorch build has no code for this GPU: install one built for it, e.g. "
+                    "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
+        raise CueCoError(f"--device {name} cannot be used here ({msg})") from None
     if device.type == "cuda":   # --device cuda:1 is made the current GPU too
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True   # every batch has the same shape: the fastest kernels
     return device
+
+def train_set_place(nbytes: int, device, memory_gb: float) -> tuple:
+    """Where the training images live, and the words for it. On the device when they fit in
+    --memory-gb and, on a GPU, in half its free memory, the other half left to training (ImageNet-100
+    at width 64, batch 256: 6-8 GB); else in host memory, a batch at a time copied over (section 7)."""
+    size = f"{nbytes / 2**30:.1f} GB"
+    if nbytes > memory_gb * 2**30:
+        return torch.device("cpu"), f"in host memory ({size}, over --memory-gb {memory_gb:g})"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes > free / 2:
+            return torch.device("cpu"), f"in host memory ({size}, over half of the GPU's {free / 2**30:.1f} GB free)"
+    return device, f"on {device} ({size})"
 
 def pick_precision(device, precision: str = "auto") -> tuple:
     """(precision, why). auto: bf16 where the hardware computes it natively (CUDA compute capability
@@ -870,6 +906,9 @@ def pick_precision(device, precision: str = "auto") -> tuple:
     where bf16 leaves cuDNN for slow fallbacks), else fp32: other CPUs emulate bf16 (on AVX-512 ones
     too), 10x slower than fp32 on this project's AVX2 machine, and so does MPS before macOS 14. Batch
     norm statistics, the embeddings, Sinkhorn and the losses stay float32 in every precision."""
+    if device.type == "mps" and precision in ("bf16", "fp16"):   # PyTorch bugs 142397 and 154887
+        raise CueCoError(f"--precision {precision} fails on MPS (the fp16 gradient scaler needs float64, and "
+                         f"batch norm in eval mode under autocast aborts): use --precision fp32")
     if precision != "auto":
         return precision, "--precision"
     if device.type == "cuda":
@@ -928,17 +967,18 @@ def run(argv=None) -> dict:
     device = setup_device(args.device)
     precision, why = pick_precision(device, args.precision)
     preset = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[args.preset])
-    if args.preset != "paper":
-        preset += "; the paper's setting, 800 epochs at width 64 (weeks without a GPU): --preset paper"
-    print(f"preset {args.preset}: {preset or 'the MoCo CIFAR-10 notebook recipe'} | {device}, "
+    why_preset = {"paper": "the paper's setting, 9-13 h on a T4; 200 epochs: --preset gpu",
+                  "gpu": "fits a free Colab session; the paper's 800 epochs: --preset paper",
+                  "laptop": "no CUDA GPU; the paper's 800 epochs at width 64 (weeks on a CPU): --preset paper"}
+    print(f"preset {args.preset} ({why_preset[args.preset]}): {preset or 'the parser defaults'} | {device}, "
           f"{precision} ({why})")
 
     torch.manual_seed(args.seed)
     data = load_folder(args) if args.dataset == "folder" else load_cifar(args)
     if args.epochs > 0 and len(data.train) < args.batch_size:
         raise CueCoError(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training images")
-    if data.train.numel() <= args.memory_gb * 2**30:   # else it stays in host memory (section 7)
-        data = data._replace(train=data.train.to(device))
+    where, place = train_set_place(data.train.numel(), device, args.memory_gb)
+    data = data._replace(train=data.train.to(where))
 
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
                   args.bn_splits).to(device)
@@ -954,20 +994,22 @@ def run(argv=None) -> dict:
         encoder_q = torch.compile(model.encoder_q, dynamic=False)
         model.encoder_k.compile(dynamic=False)
     print(f"{method_name(args)} on {data_name(args)}: {len(data.train)} train, {len(data.test_y)} test "
-          f"images, {data.image_size} px, ResNet-18 width {args.width}, training images on "
-          f"{data.train.device}")
+          f"images, {data.image_size} px, ResNet-18 width {args.width}, training images {place}")
 
     try:
         _, feats = train(args, model, encoder_q, optimizer, scaler, data, device, precision, start_epoch,
                          history)
         return report(args, model, data, device, precision, history, feats)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, torch.cuda.OutOfMemoryError) as e:   # one line, and how to go on
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else (
+            f"out of memory on {device} at --batch-size {args.batch_size}, --width {args.width}: try "
+            f"--batch-size {args.batch_size // 2} or --preset laptop")
         path = os.path.join(args.out, "checkpoint.pt")
         if not os.path.isfile(path):
-            raise CueCoError("interrupted before the first checkpoint (see --save-minutes)") from None
+            raise CueCoError(f"{what}; no checkpoint yet (see --save-minutes)") from None
         epoch = load_checkpoint(path)["epoch"]
         then = "finish the evaluation" if epoch == args.epochs else "continue"
-        raise CueCoError(f"interrupted; the checkpoint of epoch {epoch} is in {path}; {then} with: "
+        raise CueCoError(f"{what}; the checkpoint of epoch {epoch} is in {path}; {then} with: "
                          f"python cueco.py --resume {path}") from None
 
 def method_name(args) -> str:

@@ -733,7 +733,8 @@ def test_cifar_not_downloadable_says_how_to_place_files(tmp_path):
 # presets: the laptop's run without a GPU, the paper's with one, and what the user types always wins
 # ---------------------------------------------------------------------------------------------------------
 
-def test_preset_auto_is_the_paper_on_a_gpu_and_the_laptop_elsewhere(tmp_path, monkeypatch):
+def test_preset_auto_is_200_epochs_on_a_gpu_and_the_laptop_elsewhere(tmp_path, monkeypatch):
+    """auto: on a CUDA GPU the paper's network and batch for 200 epochs (a free T4 session), else laptop."""
     out = ["--out", str(tmp_path), "--figures-dir", str(tmp_path)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     laptop = cueco.parse_args(out)
@@ -741,9 +742,11 @@ def test_preset_auto_is_the_paper_on_a_gpu_and_the_laptop_elsewhere(tmp_path, mo
     assert all(getattr(laptop, k) == v for k, v in cueco.PRESETS["laptop"].items())
     assert cueco.parse_args(out + ["--device", "mps"]).preset == "laptop"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    paper = cueco.parse_args(out)
-    assert (paper.preset, paper.width, paper.epochs, paper.batch_size, paper.view_scale) == \
-        ("paper", 64, 800, 512, 1.0)
+    gpu = cueco.parse_args(out)
+    assert (gpu.preset, gpu.width, gpu.epochs, gpu.batch_size, gpu.view_scale, gpu.lr, gpu.eval_every) == \
+        ("gpu", 64, 200, 512, 1.0, 0.06, 10)
+    paper = cueco.parse_args(out + ["--preset", "paper"])
+    assert (paper.preset, paper.width, paper.epochs, paper.batch_size) == ("paper", 64, 800, 512)
     assert cueco.parse_args(out + ["--device", "cpu"]).preset == "laptop"
     assert cueco.parse_args(out + ["--preset", "laptop"]).preset == "laptop"
 
@@ -765,8 +768,8 @@ def test_a_run_records_its_preset_and_resume_restores_it_on_any_device(tmp_path,
     argv[argv.index("paper")] = "auto"
     cueco.main(argv)
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("preset laptop: --width 4 --batch-size 8 --epochs 2 --view-scale 0.5 --eval-every")
-    assert "--preset paper" in first
+    assert first.startswith("preset laptop (no CUDA GPU; ") and "--preset paper" in first
+    assert "): --width 4 --batch-size 8 --epochs 2 --view-scale 0.5 --eval-every" in first
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["args"]["preset"] == "laptop" and saved["args"]["view_scale"] == 0.5
     assert [e["view_size"] for e in saved["epochs"]] == [16, 16]   # make_folder: 32-px images
@@ -1031,8 +1034,8 @@ def test_precision_on_cpus_is_bf16_only_where_it_is_native(monkeypatch, avx512_b
 def test_a_named_gpu_becomes_the_current_one(monkeypatch):
     """--device cuda:1 must also make that card current (else CUDA puts some tensors on card 0), and
     cuDNN's autotuner is on (every batch has the same shape)."""
-    made_current = []
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: None)   # pretend that the card works
+    made_current, real_ones = [], torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *a, device=None: real_ones(*a))   # pretend that the card works
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert cueco.setup_device("cuda:1") == torch.device("cuda", 1)
@@ -1111,15 +1114,19 @@ class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
     the GPU for the CPU, in the middle of a step."""
     def __init__(self):
         super().__init__()
-        self.syncs = []
+        self.syncs, self.pinned = [], set()   # pinned: host tensors allocated page-locked
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
         inputs, outputs = tensors((args, kwargs)), tensors(out)
+        if kwargs.get("pin_memory"):
+            self.pinned.add(id(out))
         if func is torch.ops.aten._local_scalar_dense.default or (
                 any(a.device.type == "cuda" for a in inputs) and any(o.device.type == "cpu" for o in outputs)):
             self.syncs.append(f"to the host: {func}")
-        if any(a.device.type == "cpu" and a.dim() > 0 for a in inputs) and any(
+        waits = not (kwargs.get("non_blocking") and all(id(a) in self.pinned for a in inputs))
+        if waits and any(a.device.type == "cpu" and a.dim() > 0 for a in inputs) and any(
                 o.device.type == "cuda" for o in outputs):
             self.syncs.append(f"from the host: {func}")
         return out
@@ -1134,25 +1141,29 @@ class NoGenerator:
         return None
 
 
-def test_tsne_takes_features_to_the_host_before_float64():
-    """Apple's MPS has no float64: t-SNE must move its input to the host first (a pretend GPU here)."""
+def test_tsne_bisects_on_the_host_in_float64_and_optimises_on_the_device():
+    """Apple's MPS has no float64: t-SNE's bisection runs on the host; its 750 steps on the features' device
+    (a pretend GPU here) in float32."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     class Float64OnDevice(torch.utils._python_dispatch.TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.found = []
+            self.found, self.ops = [], []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.found += [str(func) for o in tensors(out) if o.dtype == torch.float64 and o.device.type != "cpu"]
+            self.ops += [(str(func), o.device.type) for o in tensors(out)]
             return out
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         f = torch.empty(40, 8, device="cuda")
         with Float64OnDevice() as mode:
             y = cueco.tsne(f, iters=2)
-    assert mode.found == [] and y.shape == (40, 2)
+    assert mode.found == [] and y.shape == (40, 2) and y.device.type == "cuda" and y.dtype == torch.float32
+    # and the optimisation runs there: each of its steps computes the pairwise distances on the device
+    assert sum("_euclidean_dist" in op for op, device in mode.ops if device == "cuda") == 2
 
 
 def to_fake_cuda(module):
@@ -1198,13 +1209,14 @@ def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
             model.momentum_update(0.99)
             model.enqueue(keys)
         host = data._replace(train=torch.empty(16, 3, 32, 32, dtype=torch.uint8))   # over --memory-gb
-        x_host = next(cueco.epoch_views(host, 1, 8, 0, device, 24))[0]   # copied over, augmented there
+        with NoHostSync() as host_mode:   # copied over from page-locked memory, augmented there
+            x_host = [x1 for x1, _ in cueco.epoch_views(host, 1, 8, 0, device, 24)]
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert len(layers) == 5 * 40 and set(layers) == {(low, "cuda", True)}   # 5 passes x 20 conv + 20 BN
     assert x1.shape == (8, 3, 32, 32) and x1.device.type == "cuda" and x1.dtype == torch.float32
     assert loss.dtype == keys.dtype == torch.float32 and loss.device.type == "cuda"
     assert embeddings == [torch.float32, torch.float32] and mode.syncs == []
-    assert x_host.shape == (8, 3, 24, 24) and x_host.device.type == "cuda"
+    assert [(x.shape, x.device.type) for x in x_host] == [((8, 3, 24, 24), "cuda")] * 2 and host_mode.syncs == []
 
 
 def test_compile_flag_compiles_both_networks_end_to_end(tmp_path, monkeypatch):
@@ -1221,3 +1233,124 @@ def test_compile_flag_compiles_both_networks_end_to_end(tmp_path, monkeypatch):
     assert math.isfinite(final["knn"]) and math.isfinite(final["linear"])
     encoders = [m for m in compiled if isinstance(m, cueco.Encoder)]   # (Module.compile calls torch.compile)
     assert len(encoders) == 2 and encoders[0] is not encoders[1]      # encoder_q and encoder_k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a GPU student's first run: the preset it gets, an honest time left, and every failure one line
+# ---------------------------------------------------------------------------------------------------------
+
+def test_the_first_line_names_the_gpu_preset_why_and_the_papers(tmp_path, monkeypatch, capsys):
+    """On a CUDA machine (pretended; the run itself on the CPU) the first line says gpu, why, and how to
+    ask for the paper's 800 epochs."""
+    monkeypatch.setattr(cueco, "setup_device", lambda name: torch.device("cpu"))
+    argv = tiny_args(make_folder(tmp_path / "d", n_per_class=4), tmp_path / "r", "--tsne-points", "0")
+    argv[argv.index("paper")] = "auto"
+    cueco.main(argv + ["--epochs", "0", "--device", "cuda"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("preset gpu (fits a free Colab session; the paper's 800 epochs: --preset paper)")
+
+
+def test_time_left_comes_from_the_epochs_own_rate_not_a_slow_start(tmp_path, monkeypatch, capsys):
+    """A first step of 100 s (compilation, autotuning) and then 1 s a step, on a pretend clock: from the
+    second progress line on, the time left is the steps left at 1 s each, and the speed 8 images/s."""
+    clock, steps, real = [0.0], [], cueco.cueco_loss
+
+    def timed(*args, **kw):
+        clock[0] += 100.0 if not steps else 1.0
+        steps.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cueco.time, "time", lambda: clock[0])
+    monkeypatch.setattr(cueco, "cueco_loss", timed)
+    folder = make_folder(tmp_path / "d", n_per_class=16)   # 32 images, batch 8: 4 steps an epoch
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "3", "--log-every", "1", "--eval-every", "0",
+                         "--tsne-points", "0"))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ") and " step " in l]
+    assert len(lines) == 12
+    assert lines[0].endswith("| 00:18:20 left")                        # 11 steps at the 100 s seen so far
+    for i, line in enumerate(lines[1:], start=2):   # step i of 12 done, at 1 s a step
+        assert line.endswith(f"32 px, 8 img/s | 00:00:{12 - i:02d} left"), line
+
+
+def test_out_of_memory_in_training_or_evaluation_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """CUDA's out-of-memory error, raised inside a step of epoch 2 or in the final evaluation: one line
+    that suggests a smaller batch, exit 2, and the checkpoint of the last finished epoch kept."""
+    folder, out = make_folder(tmp_path / "d", n_per_class=8), tmp_path / "r"
+    real, calls = cueco.cueco_loss, []
+
+    def oom(*args, **kw):
+        calls.append(1)
+        if len(calls) > 2:   # 2 steps an epoch: the first step of epoch 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cueco, "cueco_loss", oom)
+    fails(tiny_args(folder, out, "--epochs", "3", "--eval-every", "0"),
+          "out of memory on cpu at --batch-size 8, --width 4: try --batch-size 4 or --preset laptop; the "
+          "checkpoint of epoch 1", capsys)
+    assert cueco.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
+
+    monkeypatch.setattr(cueco, "cueco_loss", real)
+    monkeypatch.setattr(cueco, "linear_probe", lambda *a, **k: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    fails(tiny_args(folder, out, "--epochs", "1", "--eval-every", "0"), "finish the evaluation with", capsys)
+    assert cueco.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
+
+
+def test_low_precision_on_mps_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """fp16 and bf16 fail inside PyTorch on MPS (a float64 in the gradient scaler, batch norm under autocast):
+    refused before any data loads, and auto stays fp32 there."""
+    monkeypatch.setattr(cueco, "setup_device", lambda name: torch.device("mps"))
+    for precision in ("fp16", "bf16"):
+        fails(["--device", "mps", "--precision", precision, "--out", str(tmp_path),
+               "--data-dir", str(tmp_path / "none")], f"--precision {precision} fails on MPS", capsys)
+    assert cueco.pick_precision(torch.device("mps"), "auto")[0] == "fp32"
+    assert cueco.pick_precision(torch.device("mps"), "fp32")[0] == "fp32"
+
+
+def test_a_device_without_kernels_for_it_fails_at_the_probe_and_names_a_wheel(tmp_path, monkeypatch, capsys):
+    """A V100 with a PyTorch built without sm_70 allocates memory fine and fails at its first kernel: the
+    probe runs one, and the line says which build to install."""
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+
+    monkeypatch.setattr(torch.Tensor, "sum", no_kernel)
+    fails(["--device", "cpu", "--out", str(tmp_path)], "no kernel image is available", capsys)
+    fails(["--device", "cpu", "--out", str(tmp_path)], "--index-url https://download.pytorch.org/whl/cu126",
+          capsys)
+
+
+@pytest.mark.parametrize("nbytes, memory_gb, free_gb, where", [
+    (150e6, 4, 14.5, "cuda"),    # CIFAR on a T4
+    (19e9, 24, 23.0, "cpu"),     # ImageNet-100 on a 24 GB card: it would leave training 4 GB
+    (19e9, 24, 79.0, "cuda"),    # ImageNet-100 on an 80 GB card
+    (5e9, 4, 79.0, "cpu"),       # over --memory-gb
+])
+def test_the_training_set_goes_to_the_gpu_only_when_it_fits_beside_training(monkeypatch, nbytes, memory_gb,
+                                                                             free_gb, where):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gb * 2**30, 80 * 2**30))
+    device, words = cueco.train_set_place(int(nbytes), torch.device("cuda"), memory_gb)
+    assert device.type == where and (("host memory" in words) == (where == "cpu"))
+
+
+def test_run_places_the_training_set_as_decided_and_says_so(tmp_path, monkeypatch, capsys):
+    """run() puts data.train where train_set_place says, and the data line says where and why."""
+    folder, placed, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.train_set_place
+    monkeypatch.setattr(cueco, "train_set_place", lambda *a: placed.append(a) or real(*a))
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0", "--memory-gb", "0"))
+    assert placed == [(16 * 3 * 32 * 32, torch.device("cpu"), 0.0)]
+    assert "training images in host memory (0.0 GB, over --memory-gb 0)" in capsys.readouterr().out
+
+
+def test_batches_from_host_memory_are_gathered_into_pinned_memory_and_copied_without_waiting(monkeypatch):
+    """For a GPU, batch_to gathers images[idx] into page-locked memory and copies it non-blocking: the same
+    images as plain indexing (the copy pretended: no GPU here)."""
+    images = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    idx, pinned, copies, real_empty = torch.randperm(20)[:8], [], [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: pinned.append(pin_memory) or
+                        real_empty(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: copies.append(
+        (torch.device(device).type, non_blocking)) or self)
+    x = cueco.batch_to(images, idx, torch.device("cuda"))
+    assert torch.equal(x, images[idx]) and pinned == [True] and copies == [("cuda", True)]
