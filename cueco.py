@@ -1,4 +1,4 @@
-"""CueCo: Cluster Contrast for unsupervised visual representation learning, in one file.
+r"""CueCo: Cluster Contrast for unsupervised visual representation learning, in one file.
 
 CueCo (arXiv:2507.12359, ICIP 2025) learns image features without labels. Two copies of a ResNet-18
 see two random views of every image. The query network encoder_q learns by gradient descent; the key
@@ -14,17 +14,19 @@ holds its last K keys. For the query q of one view and the key k+ of the other v
 
 Ours, not the paper's: all of L_clu (the centroids C live in the encoder, so the key network carries
 a slow copy; SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100, tau = 0.1,
-eps = 0.05), lambda = 1 ramped up from 0 over the first half of training (lambda = 0 is MoCo-v2), and
-the laptop preset. The rest is the MoCo CIFAR-10 notebook's recipe (facebookresearch/moco).
+eps = 0.05), lambda = 1, raised in equal steps, one per epoch, to its full value at the end of the
+first half of training (lambda = 0 is MoCo-v2), and the gpu and laptop presets. The rest is the MoCo
+CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head (README.md).
 
 Sections: 1 configuration; the method as a training step runs it: 2 augmentation recipe, 3 backbone,
 4 query/key model and queue, 5 losses, 6 training; 7 how it is made fast; 8 evaluation, 9 clustering
 metrics and t-SNE, 10 figures, 11 data sets, 12 plumbing, 13 main. Results: README.md.
 
-    python cueco.py --dataset cifar10                    # CUDA: the paper's setting; else the laptop preset
+    python cueco.py --dataset cifar10                    # CUDA: 200 epochs (gpu); else the laptop preset
     python cueco.py --dataset cifar10 --preset laptop    # about an hour on 2 CPU cores (README.md)
-    python cueco.py --dataset folder --data-dir imagenet --class-list imagenet100.txt --epochs 200 \
-        --batch-size 256 --memory-gb 24                  # ImageNet-100 on one GPU (README.md)
+    python cueco.py --dataset folder --data-dir /data/imagenet --class-list imagenet100.txt \
+        --epochs 200 --batch-size 256 --lr 0.06 --weight-decay 1e-4 --temperature 0.2 \
+        --queue-size 16384 --key-momentum 0.999 --eval-every 20 --memory-gb 24   # ImageNet-100
 """
 import argparse
 import collections
@@ -56,10 +58,18 @@ PRESETS = {"paper": {}, "gpu": {"epochs": 200},
            "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4}}
 
 def build_parser() -> argparse.ArgumentParser:
+    # the defaults below are the paper preset's; the epilog, built from PRESETS, says what the others
+    # change, since on a CPU --preset auto runs the laptop preset, not what the list shows
+    presets = "; ".join(f"{name} = " + (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+                                      or "as shown") for name, d in PRESETS.items())
     p = argparse.ArgumentParser(prog="cueco.py", description="CueCo self-supervised learning, one file",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                   help="defaults that flags you give override: auto = gpu on a CUDA GPU, else laptop")
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="The defaults shown are the paper preset's. A preset sets "
+                                       "defaults, a flag you give wins over them, and --resume restores "
+                                       f"the run's own. Presets: {presets}.")
+    a = p.add_argument_group("preset").add_argument
+    a("--preset", default="auto", choices=["auto", *PRESETS],
+      help="defaults that flags you give override: auto = gpu on a CUDA GPU, else laptop")
     a = p.add_argument_group("data").add_argument
     a("--dataset", default="cifar10", help="cifar10 | cifar100 | folder (train/, test/ or val/)")
     a("--data-dir", default=None, help="where the data set is or is downloaded to [data/<dataset>]")
@@ -76,26 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     a("--key-momentum", type=float, default=0.99, help="m of the key network's moving average")
     a("--num-clusters", type=int, default=100, help="K_c, centroids C of the clustering loss (ours)")
     a("--lambda-clu", type=float, default=1.0, help="lambda, weight of the clustering loss; 0 = MoCo-v2")
-    a("--clu-warmup", type=float, default=0.5, help="fraction of the epochs over which lambda ramps up")
+    a("--clu-warmup", type=float, default=0.5, help="lambda rises in equal steps, one per epoch, to "
+      "its full value at the end of this fraction of the epochs")
     a("--clu-temperature", type=float, default=0.1, help="tau of the clustering softmax (ours)")
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
     a("--lr", type=float, default=0.06, help="SGD learning rate at batch 512 (scaled linearly)")
-    a("--weight-decay", type=float, default=5e-4)
+    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay (none on the centroids C)")
     a("--view-scale", type=float, default=1.0, help="side of the training views, as a fraction of the "
       "image size (ours; the evaluation sees whole images at full size)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds the weights, the views, the subsets and the evaluation")
     a("--resume", default=None, help="checkpoint.pt to continue from; its settings are the defaults")
     a("--save-minutes", type=float, default=1.0, help="checkpoint after each epoch that ends this long "
-      "after the last one, and at the end (a crash loses at most about this much and an epoch)")
+      "after the last one, and at the end: a crash loses up to this much training plus an epoch")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--eval-every", type=int, default=10, help="kNN monitor every N epochs (0: only at the end)")
     a("--tsne-points", type=int, default=2000, help="test images in the t-SNE figure (0 = none)")
     a("--log-every", type=int, default=20, help="steps between progress lines")
     a("--out", default=None, help="checkpoint.pt and metrics.json go here [runs/<data>]")
-    a("--figures-dir", default="figures")
+    a("--figures-dir", default="figures", help="where the t-SNE, cluster and curve figures go")
     a = p.add_argument_group("machine").add_argument
     a("--device", default="auto", help="auto (CUDA if present, else the CPU) | cpu | cuda | cuda:N | mps")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -774,7 +785,9 @@ Data = collections.namedtuple("Data", ["train", "train_y", "test", "test_y", "cl
                                        "test_y20"], defaults=[None])
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of n samples, class counts within one of each other, drawn reproducibly."""
+    """Sorted indices of n samples, drawn reproducibly: round-robin over the classes, each in a random
+    order, so class counts are within one of each other, except that a class with too few images for
+    its share gives all it has and the others fill its place."""
     if n <= 0 or n >= len(labels):
         return torch.arange(len(labels))
     g, rank_in_class = torch.Generator().manual_seed(seed), torch.empty(len(labels), dtype=torch.long)
@@ -927,7 +940,7 @@ CHECKPOINT_FORMAT = "cueco-checkpoint-v1"
 
 def save_checkpoint(path: str, model, optimizer, scaler, epoch: int, config: dict, history: list):
     """Written to a temporary file and renamed over the old one: a crash never leaves half a checkpoint.
-    Width 64: 134 MB, written in about 0.5 s here, under 1% of the minute between two checkpoints."""
+    Width 64: 140 MB; README.md ("It fails gracefully") gives the time to write it, measured."""
     torch.save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "args": config, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict()}, path + ".tmp")

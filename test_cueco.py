@@ -682,6 +682,30 @@ def test_bad_input_gives_one_line_and_exit_2(argv, message, capsys, tmp_path):
     fails(argv + ["--out", str(tmp_path)], message, capsys)
 
 
+# Every range rule of parse_args, written out here rather than read from cueco's own list, so that a rule
+# dropped from cueco.py fails this test. The value is the nearest one outside the range.
+RANGE_RULES = [(flag, value, "> 0") for flag, value in [
+    ("--batch-size", "0"), ("--width", "0"), ("--dim", "0"), ("--queue-size", "0"),
+    ("--num-clusters", "0"), ("--bn-splits", "0"), ("--log-every", "0"), ("--lr", "0"),
+    ("--temperature", "0"), ("--clu-temperature", "0"), ("--sinkhorn-eps", "0")]] + \
+    [(flag, value, ">= 0") for flag, value in [
+        ("--epochs", "-1"), ("--limit-train", "-1"), ("--limit-test", "-1"), ("--eval-every", "-1"),
+        ("--num-workers", "-1"), ("--image-size", "-1"), ("--tsne-points", "-1"),
+        ("--lambda-clu", "-0.01"), ("--weight-decay", "-1e-6"), ("--memory-gb", "-0.01"),
+        ("--save-minutes", "-0.01")]] + \
+    [("--key-momentum", "1", "in [0, 1)"), ("--key-momentum", "-0.01", "in [0, 1)"),
+     ("--view-scale", "0", "in (0, 1]"), ("--view-scale", "1.01", "in (0, 1]"),
+     ("--clu-warmup", "-0.01", "in [0, 1]"), ("--clu-warmup", "1.01", "in [0, 1]")]
+
+
+@pytest.mark.parametrize("flag, value, rule", RANGE_RULES)
+def test_every_range_rule_names_its_flag(flag, value, rule, capsys, tmp_path):
+    # a folder that does not exist: a rule that is missing ends in the data's error, not a training run
+    # (and --image-size is checked against CIFAR's 32 px before the rules)
+    data = ["--dataset", "folder", "--data-dir", str(tmp_path / "none")]
+    fails(data + ["--out", str(tmp_path / "r"), f"{flag}={value}"], f"{flag} must be {rule}, got", capsys)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_missing_gpu_is_one_line(capsys, tmp_path):
     fails(["--device", "cuda", "--out", str(tmp_path)], "--device cuda cannot be used", capsys)
