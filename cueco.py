@@ -348,7 +348,8 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
 
 # ========================================== 6. Training ==========================================
 def clustering_weight(lambda_clu: float, epoch: int, epochs: int, clu_warmup: float) -> float:
-    """lambda in epoch `epoch` (from 1), ramped up from 0 over the first `clu_warmup` of the epochs.
+    """lambda in epoch `epoch` (from 1): lambda * epoch / (clu_warmup * epochs), at most lambda, raised
+    once an epoch (epoch 1 already has its first step) until the first `clu_warmup` of the epochs ends.
     Ours: the clusters of early, noisy features are noise, and pulling queries to them fights L_con."""
     if clu_warmup * epochs == 0:
         return lambda_clu
