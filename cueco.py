@@ -409,8 +409,9 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
                 # the rate since the epoch's first progress line: not slowed by what came before it
                 # (compilation, cuDNN's autotuning, the kNN monitor, the last epoch's checkpoint)
                 now = time.time()
+                t_from, s_from = mark or (t0, 0)
+                per_step = (now - t_from) / (step + 1 - s_from)
                 mark = mark or (now, step + 1)
-                per_step = (now - mark[0]) / (step + 1 - mark[1]) if mark[1] <= step else (now - t0) / (step + 1)
                 speed = args.batch_size / per_step
                 left = ((args.epochs - epoch + 1) * steps - step - 1) * per_step
                 print(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {avg[0]:.3f} "
@@ -905,13 +906,12 @@ def train_set_place(nbytes: int, device, memory_gb: float) -> tuple:
     """Where the training images live, and the words for it. On the device when they fit in
     --memory-gb and, on a GPU, in half its free memory, the other half left to training (ImageNet-100
     at width 64, batch 256: 6-8 GB); else in host memory, a batch at a time copied over (section 7)."""
-    size = f"{nbytes / 2**30:.1f} GB"
+    size, host = f"{nbytes / 2**30:.1f} GB", torch.device("cpu")
     if nbytes > memory_gb * 2**30:
-        return torch.device("cpu"), f"in host memory ({size}, over --memory-gb {memory_gb:g})"
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if nbytes > free / 2:
-            return torch.device("cpu"), f"in host memory ({size}, over half of the GPU's {free / 2**30:.1f} GB free)"
+        return host, f"in host memory ({size}, over --memory-gb {memory_gb:g})"
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+    if nbytes > free / 2:
+        return host, f"in host memory ({size}, over half of the GPU's free {free / 2**30:.1f} GB)"
     return device, f"on {device} ({size})"
 
 def pick_precision(device, precision: str = "auto") -> tuple:
@@ -983,7 +983,7 @@ def run(argv=None) -> dict:
     preset = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[args.preset])
     why_preset = {"paper": "the paper's setting, 9-13 h on a T4; 200 epochs: --preset gpu",
                   "gpu": "fits a free Colab session; the paper's 800 epochs: --preset paper",
-                  "laptop": "no CUDA GPU; the paper's 800 epochs at width 64 (weeks on a CPU): --preset paper"}
+                  "laptop": "no CUDA GPU; the paper's 800 epochs at width 64, weeks here: --preset paper"}
     print(f"preset {args.preset} ({why_preset[args.preset]}): {preset or 'the parser defaults'} | {device}, "
           f"{precision} ({why})")
 
