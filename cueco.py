@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32 (pick_precision)")
     a("--compile", action="store_true", help="torch.compile the query and key networks")
-    a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device (else in host "
-      "memory, copied a batch at a time)")
+    a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device, and on a GPU "
+      "at most half its free memory (else in host memory, copied a batch at a time)")
     a("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
       help="processes decoding a folder's images")
     return p
