@@ -259,6 +259,7 @@ class Encoder(nn.Module):
         f = self.backbone.out_dim
         self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, dim))   # MoCo-v2's
         self.C = nn.Parameter(F.normalize(torch.randn(num_clusters, dim), dim=1))        # C: [K_c, D]
+        self.register_buffer("C_start", self.C.detach().clone())   # to log how far C has moved
     def forward(self, x):
         h = self.projector(self.backbone(x))                                   # h: [N, D]
         with torch.autocast(x.device.type, enabled=False):   # float32 whatever the autocast (section 12)
@@ -381,6 +382,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         # resumed run draws exactly what the uninterrupted one would have
         torch.manual_seed(args.seed * 1009 + epoch)
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
+        used = torch.zeros(args.num_clusters, dtype=torch.bool, device=device)   # C_c nearest to a query
         t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
         views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
         for step, (x1, x2) in enumerate(views):
@@ -401,6 +403,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             model.enqueue(keys)
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
+            used |= shares > 0
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 avg = (sums / (step + 1)).tolist()   # the epoch's means so far: one host sync
                 if not all(map(math.isfinite, avg)):
@@ -421,8 +424,13 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
         seconds = time.time() - t0
         avg = (sums / max(1, steps)).tolist()
+        # do the centroids learn? the mean angle each has moved since the start (from the chord between
+        # unit vectors: acos loses small angles), and the share of them in use
+        chord = (F.normalize(model.encoder_q.C.detach().float(), dim=1) - model.encoder_q.C_start).norm(dim=1)
+        moved = torch.rad2deg(2 * torch.asin(chord.clamp(max=2) / 2)).mean()   # degrees, a scalar
         record = {"epoch": epoch, "view_size": size, "loss": avg[0], "loss_contrastive": avg[1],
                   "loss_clustering": avg[2], "max_cluster_share": avg[3], "num_clusters": args.num_clusters,
+                  "centroids_moved_deg": moved.item(), "centroids_used": used.float().mean().item(),
                   "lambda_clu": lam, "lr": lr, "img_per_s": steps * args.batch_size / seconds,
                   "seconds": seconds}
         if device.type == "cuda":
