@@ -820,6 +820,233 @@ def test_smaller_views_reach_the_training_step(tmp_path, monkeypatch):
     assert set(sides) == {24}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the training step uses what it logs: schedules, flags, precision, compiled networks, NaN, shuffling
+# ---------------------------------------------------------------------------------------------------------
+
+def train_only(monkeypatch, folder, out, *extra):
+    """A tiny run of the training loop; the final report (linear probe, k-means, figures) is skipped."""
+    monkeypatch.setattr(cueco, "report", lambda *a, **kw: {})
+    cueco.main(tiny_args(folder, out, "--tsne-points", "0", "--eval-every", "0", *extra))
+
+
+def test_the_optimizer_steps_with_the_scheduled_lr_and_the_loss_with_the_ramped_lambda(tmp_path, monkeypatch):
+    """Each SGD step runs at base_lr * batch / 512 * cosine, each loss weighs L_clu by lambda's ramp."""
+    folder, lrs, lams = make_folder(tmp_path / "d", n_per_class=8), [], []   # 2 steps an epoch
+    real_step, real_loss = torch.optim.SGD.step, cueco.cueco_loss
+
+    def step(self, *a, **kw):   # the rate the parameters move with, not the one metrics.json records
+        lrs.append([group["lr"] for group in self.param_groups])
+        return real_step(self, *a, **kw)
+
+    def loss(model, encoder_q, x1, x2, T, tau, eps, lam, shuffle=True):
+        lams.append(lam)
+        return real_loss(model, encoder_q, x1, x2, T, tau, eps, lam, shuffle)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(cueco, "cueco_loss", loss)
+    train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "2", "--lr", "0.5", "--lambda-clu", "0.8",
+               "--clu-warmup", "1")
+    base = 0.5 * 8 / 512   # the optimizer is built with the unscaled 0.5: each step must set the rate
+    assert lrs == [[pytest.approx(base * 0.5 * (1 + math.cos(math.pi * i / 4)))] * 2 for i in range(4)]
+    ramp = [cueco.clustering_weight(0.8, e, 2, 1.0) for e in (1, 2)]
+    assert lams == [lam for lam in ramp for _ in "ab"] == pytest.approx([0.4, 0.4, 0.8, 0.8])
+
+
+def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
+    """--temperature, --clu-temperature, --sinkhorn-eps, --key-momentum and --weight-decay, none at its
+    default, arrive in the losses, Sinkhorn, the momentum update and the optimizer (0 for C) at each step."""
+    folder = make_folder(tmp_path / "d", n_per_class=8)
+    seen = {name: [] for name in ("T", "tau", "eps", "m", "decay", "C")}
+    real_con, real_clu, real_sink = cueco.contrastive_loss, cueco.clustering_loss, cueco.sinkhorn
+    real_momentum, real_step = cueco.CueCo.momentum_update, torch.optim.SGD.step
+
+    def con(q, k, queue, T):
+        seen["T"].append(T)
+        return real_con(q, k, queue, T)
+
+    def clu(s_q, s_k, tau, eps):
+        seen["tau"].append(tau)
+        return real_clu(s_q, s_k, tau, eps)
+
+    def sink(scores, eps=0.05, iters=3):   # called by clustering_loss: eps must travel through it too
+        seen["eps"].append(eps)
+        return real_sink(scores, eps, iters)
+
+    def momentum(self, m):
+        seen["m"].append(m)
+        return real_momentum(self, m)
+
+    def step(self, *a, **kw):
+        seen["decay"].append([group["weight_decay"] for group in self.param_groups])
+        seen["C"].append(self.param_groups[1]["params"])
+        return real_step(self, *a, **kw)
+
+    for obj, name, spy in ((cueco, "contrastive_loss", con), (cueco, "clustering_loss", clu),
+                           (cueco, "sinkhorn", sink), (cueco.CueCo, "momentum_update", momentum),
+                           (torch.optim.SGD, "step", step)):
+        monkeypatch.setattr(obj, name, spy)
+    train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "1", "--temperature", "0.2", "--clu-temperature",
+               "0.3", "--sinkhorn-eps", "0.07", "--key-momentum", "0.9", "--weight-decay", "0.001")
+    # 2 steps: 2 contrastive and 2 clustering losses each, one Sinkhorn per clustering loss
+    assert seen["T"] == [0.2] * 4 and seen["tau"] == [0.3] * 4 and seen["eps"] == [0.07] * 4
+    assert seen["m"] == [0.9] * 2 and seen["decay"] == [[0.001, 0.0]] * 2
+    assert all(len(group) == 1 and group[0].shape == (4, 16) for group in seen["C"])   # [K_c, D]: C alone
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_steps_convolutions_run_in_the_chosen_precision(tmp_path, monkeypatch, precision, dtype):
+    """Inside the training step (not only in a unit test of autocast), every convolution of both networks
+    outputs bf16 with --precision bf16 on the CPU, and float32 with fp32."""
+    folder, dtypes, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.cueco_loss
+
+    def loss(model, *a, **kw):
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        hooks = [m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype)) for m in convs]
+        try:
+            return real(model, *a, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(cueco, "cueco_loss", loss)
+    train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "1", "--precision", precision)
+    assert len(dtypes) == 2 * 4 * 20 and set(dtypes) == {dtype}   # 2 steps x 4 passes x 20 convolutions
+
+
+def test_the_compile_flag_trains_through_the_compiled_networks(tmp_path, monkeypatch):
+    """--compile: every step calls the query network that torch.compile returned, and the key network
+    through the call that Module.compile installed (torch.compile is a counting stand-in here: the wiring,
+    in a second; test_compiled_step_equals_the_eager_step checks the compiled code itself)."""
+    folder, made, calls = make_folder(tmp_path / "d", n_per_class=8), {}, {"q": 0, "k": 0}
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            calls["q"] += 1
+            return self.net(x)
+
+    def compiling(fn, **kw):
+        if isinstance(fn, torch.nn.Module):   # torch.compile(model.encoder_q)
+            made["q"] = Compiled(fn)
+            return made["q"]
+        made["k"] = lambda *a, **k: (calls.__setitem__("k", calls["k"] + 1), fn(*a, **k))[1]
+        return made["k"]   # Module.compile: torch.compile(encoder_k._call_impl), called instead of it
+
+    steps, real = [], cueco.cueco_loss
+    monkeypatch.setattr(torch, "compile", compiling)
+    monkeypatch.setattr(cueco, "cueco_loss", lambda model, encoder_q, *a, **kw: (
+        steps.append((encoder_q, model.encoder_k._compiled_call_impl)), real(model, encoder_q, *a, **kw))[1])
+    train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "1", "--compile")
+    assert len(steps) == 2 and all(q is made["q"] and k is made["k"] for q, k in steps)
+    assert calls == {"q": 2 * 2, "k": 2 * 2}   # both views at each of 2 steps, each network
+
+
+def test_a_nan_between_progress_lines_stops_the_run_at_the_default_log_every(tmp_path, monkeypatch, capsys):
+    """With the default --log-every 20, a NaN loss at step 5 alone (the weights stay finite) still stops
+    the run with the one-line error, by the next progress line or the epoch's end: no checkpoint."""
+    folder = make_folder(tmp_path / "d", n_per_class=24, size=8, splits=("train",))   # 48 images ...
+    make_folder(tmp_path / "d", n_per_class=2, size=8, splits=("test",))
+    argv = tiny_args(folder, tmp_path / "r", "--epochs", "1", "--batch-size", "2", "--bn-splits", "1",
+                     "--tsne-points", "0")
+    assert cueco.parse_args(argv).log_every == 20   # ... batch 2: 24 steps, progress lines at 20 and 24
+    calls = []
+
+    def loss(model, encoder_q, x1, x2, *rest, **kw):   # a stand-in: the loop's check is under test
+        calls.append(1)
+        C = model.encoder_q.C
+        bad = float("nan") if len(calls) == 5 else 0.0   # in the value, not the gradient
+        one = torch.tensor(1.0)
+        keys = F.normalize(torch.randn(2 * len(x1), C.shape[1]), dim=1)
+        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((len(C),), 1 / len(C))
+
+    monkeypatch.setattr(cueco, "cueco_loss", loss)
+    fails(argv, "NaN", capsys)
+    assert len(calls) in (20, 24) and not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def knn_reference(train_x, train_y, test_x, test_y, k, t):
+    """Weighted kNN one query at a time: cosine similarities sorted, the k largest vote exp(sim / t)."""
+    train_x, test_x = F.normalize(train_x.double(), dim=1), F.normalize(test_x.double(), dim=1)
+    correct = 0
+    for x, y in zip(test_x, test_y.tolist()):
+        sim = train_x @ x
+        sim, votes = sim.tolist(), {}
+        for i in sorted(range(len(sim)), key=lambda i: -sim[i])[:k]:
+            votes[train_y[i].item()] = votes.get(train_y[i].item(), 0.0) + math.exp(sim[i] / t)
+        correct += max(votes, key=votes.get) == y
+    return 100.0 * correct / len(test_y)
+
+
+def test_knn_defaults_are_200_neighbours_at_temperature_0_1_in_the_monitor_and_the_report(tmp_path, monkeypatch):
+    """knn_accuracy's defaults are k = 200 and t = 0.1 (on data where 20 neighbours, or t = 0.07 or 1,
+    score differently), and the epoch's monitor and the final report call it with them."""
+    x, y = blobs(100, 4, 8, 20.0, seed=3)   # 4 overlapping classes: far neighbours matter
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(400, generator=g)
+    tr, te = perm[:300], perm[300:]
+    ref = {(k, t): knn_reference(x[tr], y[tr], x[te], y[te], k, t) for k, t in
+           [(200, 0.1), (20, 0.1), (200, 0.07), (200, 1.0)]}
+    assert ref[200, 0.1] not in (ref[20, 0.1], ref[200, 0.07], ref[200, 1.0]), ref   # 49: 47, 43, 55
+    assert cueco.knn_accuracy(x[tr], y[tr], x[te], y[te]) == pytest.approx(ref[200, 0.1])
+
+    import inspect
+    folder, calls, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.knn_accuracy
+    monkeypatch.setattr(cueco, "knn_accuracy", lambda *a, **kw: (
+        calls.append(inspect.signature(real).bind(*a, **kw)), real(*a, **kw))[1])
+    for slow in ("linear_probe", "plot_clusters", "plot_curves"):   # the rest of the report: not needed
+        monkeypatch.setattr(cueco, slow, lambda *a, **kw: 0.0)
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--eval-every", "1", "--tsne-points", "0"))
+    for call in calls:   # the monitor of epoch 1, then the report
+        call.apply_defaults()
+    assert [(c.arguments["k"], c.arguments["t"]) for c in calls] == [(200, 0.1)] * 2
+
+
+def test_each_epoch_draws_its_batches_from_a_new_permutation(monkeypatch):
+    """epoch_views gives both views the same images, each at most once an epoch, in a shuffled order
+    that differs from one epoch to the next (and from the identity)."""
+    data = cueco.Data(torch.arange(42, dtype=torch.uint8).view(42, 1, 1, 1).expand(42, 3, 4, 4), None, None,
+                      None, None, 4)   # each pixel holds its image's index
+    seen = []
+    monkeypatch.setattr(cueco, "augment", lambda x, size, g, rng: (seen.append(x[:, 0, 0, 0].tolist()), x)[1])
+    orders = []
+    for epoch in (1, 2):
+        seen.clear()
+        batches = [(x1[:, 0, 0, 0].tolist(), x2[:, 0, 0, 0].tolist())
+                   for x1, x2 in cueco.epoch_views(data, epoch, 8, 0, torch.device("cpu"), 4)]
+        assert len(batches) == 5 and all(a == b for a, b in batches)   # 42 // 8 batches, one batch per pair
+        assert seen == [a for a, _ in batches for _ in "12"]           # augment got those images, twice
+        order = [i for a, _ in batches for i in a]
+        assert len(set(order)) == 40 and set(order) <= set(range(42))
+        orders.append(order)
+    assert orders[0] != orders[1] and orders[0] != list(range(40)) and orders[1] != list(range(40))
+
+
+def test_the_largest_cluster_share_counts_view_1_queries_by_their_nearest_centroid():
+    """shares[c]: the fraction of the batch whose view-1 query is nearest centroid c (argmax over s1),
+    brute force on designed cosines, on a real network, and 1.0 where C makes every query pick one."""
+    model, (x1, x2) = tiny_model(), fixed_views(8, 16)
+    s1 = torch.eye(5)[[0, 2, 2, 4, 2, 0, 2, 2]] * 0.5 + 0.1 * unit(8, 5, 1).abs()   # argmax 0 2 2 4 2 0 2 2
+    s2 = torch.eye(5)[[1, 1, 1, 1, 3, 3, 3, 3]] * 0.5                              # another view, other winners
+    q1, q2 = unit(8, 8, 2), unit(8, 8, 3)
+    views = {id(x1): (q1, s1), id(x2): (q2, s2)}
+    shares = cueco.cueco_loss(model, lambda x: views[id(x)], x1, x2, 0.1, 0.1, 0.05, 1.0)[4]
+    assert torch.equal(shares, torch.tensor([2, 0, 5, 0, 1]) / 8)
+
+    with torch.no_grad():
+        q, s = model.encoder_q(x1)   # train mode, as in the step: batch statistics, the same s1
+        shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0)[4]
+        assert torch.equal(shares, torch.bincount(s.argmax(1), minlength=5) / 8)
+        model.encoder_q.C[0] = F.normalize(q.mean(0), dim=0)   # every query nearest centroid 0
+        s = model.encoder_q(x1)[1]
+        assert (s.argmax(1) == 0).all()
+        shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0)[4]
+    assert shares.tolist() == [1.0, 0, 0, 0, 0]
+
+
 def test_time_left_shows_days_past_24_hours():
     assert cueco.hms(3725) == "01:02:05"
     assert cueco.hms(27 * 86400 + 3725) == "27d 01:02:05"
