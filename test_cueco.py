@@ -309,6 +309,34 @@ def test_resnet18_has_torchvisions_architecture():
     assert cueco.ResNet18(16)(torch.randn(2, 3, 32, 32)).shape == (2, 128)
 
 
+@pytest.mark.parametrize("cifar_stem, size", [(False, 64), (True, 32)], ids=["imagenet", "cifar"])
+def test_resnet18_computes_torchvisions_features(cifar_stem, size):
+    """With torchvision's weights copied in, the same pooled features in eval and train mode."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    tv.fc = torch.nn.Identity()
+    if cifar_stem:   # the MoCo notebook's CIFAR variant of torchvision's network
+        tv.conv1, tv.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    with torch.no_grad():   # batch norm far from the identity, so eval mode tests the running statistics
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2)
+    ours = cueco.ResNet18(64, cifar_stem=cifar_stem, bn_splits=1)
+    # the same modules in the same order: conv1 bn1 layer1.0.conv1 ... and stem.0 stem.1 layers.0.conv1 ...
+    theirs = tv.state_dict()
+    assert len(ours.state_dict()) == len(theirs) == 120
+    for (name, a), (tv_name, b) in zip(ours.state_dict().items(), theirs.items()):
+        assert a.shape == b.shape, (name, tv_name)
+        a.copy_(b)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    for train in (False, True):
+        ours.train(train), tv.train(train)
+        with torch.no_grad():
+            f, f_tv = ours(x), tv(x)                                               # [2, 512] each
+        assert f.shape == (2, 512) and torch.allclose(f, f_tv, atol=1e-5), (train, (f - f_tv).abs().max())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # augmentation: the batched views the training step draws, against torchvision's per-image recipe
 # ---------------------------------------------------------------------------------------------------------
