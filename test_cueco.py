@@ -582,6 +582,32 @@ def test_linear_probe_learns_separable_features():
     assert cueco.linear_probe(x[::2], y[::2], x[1::2], torch.roll(y[1::2], 30)) < 50   # can fail
 
 
+def test_linear_probe_standardises_features_of_very_different_scales():
+    """One informative feature of scale 1e-3 among large offset noise features: only standardised
+    features let the probe find it, and it scores as on features standardised beforehand."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (400,), generator=g)
+    signal = 5 + 1e-3 * (2 * y - 1) + 2e-4 * torch.randn(400, generator=g)        # 5 sigma apart
+    x = torch.cat([signal[:, None], 1000 + 100 * torch.randn(400, 8, generator=g)], 1)   # [400, 9]
+    tr, te = slice(0, None, 2), slice(1, None, 2)
+    acc = cueco.linear_probe(x[tr], y[tr], x[te], y[te])
+    assert acc > 95, acc
+    z = (x - x[tr].mean(0)) / x[tr].std(0)                                          # done by hand
+    assert acc == cueco.linear_probe(z[tr], y[tr], z[te], y[te])
+    # the same head and optimiser on the raw features: the noise's logits drown the signal's
+    torch.manual_seed(0)
+    head, order = torch.nn.Linear(9, 2), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=5e-4)
+    for _ in range(100):
+        for idx in torch.randperm(200, generator=order).split(256):
+            loss = F.cross_entropy(head(x[tr][idx]), y[tr][idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    raw = 100.0 * (head(x[te]).argmax(1) == y[te]).float().mean().item()
+    assert raw < 65, raw   # so the test is meaningful: without standardisation, chance level
+
+
 # ---------------------------------------------------------------------------------------------------------
 # data sets: CIFAR-10 and CIFAR-100 (with its CIFAR-20 labels) in their own file format
 # ---------------------------------------------------------------------------------------------------------
