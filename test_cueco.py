@@ -540,6 +540,80 @@ def test_kmeans_recovers_blobs():
     assert cueco.cluster_metrics(cueco.kmeans(x, 5), y)["acc"] == 1.0
 
 
+def kmeans_draws(monkeypatch, picks=None):
+    """The indices that k-means++'s random draws pick (the seeding's centres), recorded; with `picks`,
+    those are drawn instead."""
+    drawn = []
+
+    def spy(real):
+        def draw(*args, **kw):
+            out = real(*args, **kw)
+            if picks is not None:
+                out = torch.full_like(out, picks[len(drawn)])
+            drawn.append(out.item())
+            return out
+        return draw
+
+    for name in ("randint", "multinomial"):
+        monkeypatch.setattr(torch, name, spy(getattr(torch, name)))
+    return drawn
+
+
+def lloyd_reference(x, seeds):
+    """Textbook Lloyd in float64 on the unit vectors from the points x[seeds]: assign each point to its
+    nearest centre, move each centre to its points' mean (a centre without points stays), until the
+    assignment stops changing. Returns the labels and the clusters that were ever empty."""
+    x = F.normalize(x.double(), dim=1)
+    centres, labels, emptied = x[seeds].clone(), None, set()
+    for _ in range(100):
+        new = torch.cdist(x, centres).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(len(centres)):
+            if (labels == j).any():
+                centres[j] = x[labels == j].mean(0)
+            else:
+                emptied.add(j)
+    return labels, emptied
+
+
+def test_kmeans_runs_lloyd_to_convergence_from_its_seeding(monkeypatch):
+    """Elongated, overlapping blobs, on which the k-means++ seeding alone labels a third of the points
+    otherwise: the labels are textbook Lloyd's from the same seeding, a fixed point of Lloyd's update."""
+    g = torch.Generator().manual_seed(0)
+    stretch = torch.tensor([3.0, 1, 0.3, 0.3, 0.3, 0.3])
+    x = torch.cat([c + stretch * torch.randn(60, 6, generator=g) for c in torch.randn(4, 6, generator=g)])
+    drawn = kmeans_draws(monkeypatch)
+    labels = cueco.kmeans(x, 4)                                                     # labels: [240]
+    assert len(drawn) == 4
+    expected, _ = lloyd_reference(x, drawn)
+    assert torch.equal(labels, expected), f"{(labels != expected).sum()} of 240 points differ"
+    u = F.normalize(x, dim=1)
+    seeded = torch.cdist(u, u[drawn]).argmin(1)                                    # before any update
+    assert (seeded != labels).float().mean() > 0.2                                 # Lloyd has work to do
+    means = torch.stack([u[labels == j].mean(0) for j in range(4)])                # [4, 6]
+    assert torch.equal(torch.cdist(u, means).argmin(1), labels)                    # a fixed point
+
+
+def test_kmeans_keeps_the_centre_of_a_cluster_that_empties(monkeypatch):
+    """Seeds A, B, C, E, F (drawn for it): after one update A takes B's seed point, C and E take the rest
+    of B's points, and B is empty; its centre must stay, not fall to the origin (nearer than 1 to no
+    point but the south pole's, which would join it) or become NaN."""
+    s = 0.1   # near the north pole, on a small patch of the sphere, so about as in the plane
+    plane = [(-1, 0), (0, 0), (2, 2), (2, -2)] + [(-0.55, 0)] * 3 + [(0.9, 0.9)] * 3 + [(0.9, -0.9)] * 3 + \
+        [(1.05, 1.05)] * 3 + [(1.05, -1.05)] * 3
+    x = torch.tensor([(s * a, s * b, 1.0) for a, b in plane] + [(1.0, 0.01 * i, 0.0) for i in range(10)]
+                     + [(0.0, 0.0, -1.0)])                                          # x: [30, 3]
+    seeds = [0, 1, 2, 3, 19]                                                        # A, B, C, E, F
+    kmeans_draws(monkeypatch, seeds)
+    labels = cueco.kmeans(x, 5)
+    expected, emptied = lloyd_reference(x, seeds)
+    assert emptied == {1} and 1 not in expected.tolist()
+    assert torch.equal(labels, expected)
+    assert labels[-1] == 4                                                          # the south pole: F's
+
+
 def test_cluster_exemplars_are_each_clusters_members_nearest_its_centre():
     x, y = blobs(30, 3, 8, 0.5)
     clusters = torch.cat([y[:85], torch.full((5,), 3)])   # a fourth cluster of 5 points: its row runs short
