@@ -410,7 +410,12 @@ def test_crop_geometry_of_the_step_matches_torchvision():
     area_o, area_r = (wo * ho) / 256, (wr * hr) / 256                              # about the crop's area
     assert abs(area_o.mean() - area_r.mean()) < 0.03, (area_o.mean(), area_r.mean())
     assert abs(area_o.std() - area_r.std()) < 0.03, (area_o.std(), area_r.std())
-    assert abs((wo / ho).log().mean() - (wr / hr).log().mean()) < 0.03               # aspect
+    aspect_o, aspect_r = (wo / ho).log(), (wr / hr).log()                         # log(w / h)
+    assert abs(aspect_o.mean() - aspect_r.mean()) < 0.03
+    assert abs(aspect_o.std() - aspect_r.std()) < 0.02, (aspect_o.std(), aspect_r.std())   # ~0.17
+    q = torch.tensor([0.01, 0.99])   # the range: near log(3/4) and log(4/3), as torchvision's
+    assert torch.allclose(aspect_o.quantile(q), aspect_r.quantile(q), atol=0.05), aspect_o.quantile(q)
+    assert torch.allclose(area_o.quantile(q), area_r.quantile(q), atol=0.03), area_o.quantile(q)
     half = torch.zeros(3, 32, 32, dtype=torch.uint8)
     half[..., 16:] = 200                                                             # dark left, bright right
     flips = lambda v: (v[..., :16].mean((1, 2, 3)) > v[..., 16:].mean((1, 2, 3)) + 0.1).float().mean()   # noqa
