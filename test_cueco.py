@@ -426,6 +426,35 @@ def test_crop_geometry_of_the_step_matches_torchvision():
     assert upside_down == 0                                                         # never flipped vertically
 
 
+def test_blur_of_large_images_in_the_step_matches_torchvision(monkeypatch):
+    """Images above 64 px: the step blurs about half the views, each image on its own coin, as much as
+    torchvision's GaussianBlur (p = 0.5, sigma ~ U(0.1, 2)) of the recipe blurs the same views."""
+    n, size, batches = 96, 72, 24                                                 # 48 sigmas
+    board = ((torch.arange(size)[:, None] // 2 + torch.arange(size)[None, :] // 2) % 2) * 128 + 64
+    images = board.to(torch.uint8).expand(n, 3, size, size).contiguous()
+
+    def sharpness(v):   # energy of neighbouring pixels' differences, [n]
+        c = v[:, 0]
+        return ((c[..., 1:] - c[..., :-1]) ** 2).mean((1, 2)) + ((c[:, 1:] - c[:, :-1]) ** 2).mean((1, 2))
+
+    views = step_views(images, batches)                                             # [2n, 3, S, S]
+    with monkeypatch.context() as m:   # the same views (the blur draws nothing from g), none blurred
+        m.setattr(v2.functional, "gaussian_blur", lambda x, *args, **kw: x)
+        plain = step_views(images, batches)
+    blur = [t for t in cueco.mocov2_transform(size).transforms if "GaussianBlur" in str(t)]
+    torch.manual_seed(0)
+    ref = torch.stack([blur[0](v) for v in plain])                                  # per image
+    kept_o, kept_r = sharpness(views) / sharpness(plain), sharpness(ref) / sharpness(plain)
+    assert kept_o.max() < 1 + 1e-4                                                 # blur only softens
+    for threshold in (0.99, 0.6):   # visibly blurred (sigma above ~0.3), and strongly so
+        blurred_o, blurred_r = (kept_o < threshold).float().mean(), (kept_r < threshold).float().mean()
+        assert abs(blurred_o - blurred_r) < 0.15, (threshold, blurred_o, blurred_r)   # sigma per batch: noisy
+    assert 0.35 < (kept_r < 0.99).float().mean() < 0.55                             # p = 0.5 of the views
+    # sigma is drawn per batch, the coin per image: most batches hold blurred and sharp views both
+    per_batch = (kept_o < 0.99).float().view(2 * batches, -1).mean(1)               # [48]
+    assert ((per_batch > 0) & (per_batch < 1)).float().mean() > 0.6, per_batch
+
+
 def test_colour_of_the_step_matches_torchvision():
     """A flat coloured image isolates the photometric part (jitter in random order, grayscale): the
     output colour's distribution must match torchvision's per-image recipe."""
