@@ -684,6 +684,80 @@ def test_tsne_separates_blobs_and_keeps_neighbourhoods():
     assert tw > 0.95, tw                     # scikit-learn's TSNE scores about 0.99 on such data
 
 
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib Figures that the plotting functions save, kept after they are written."""
+    from matplotlib.figure import Figure
+    saved, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (saved.append(fig), real(fig, *a, **kw))[1])
+    return saved
+
+
+def test_tsne_figure_colours_points_by_class_and_by_matched_cluster(tmp_path, figures):
+    """Left: each point at its t-SNE position in its class's tab10 colour; right: in its matched
+    cluster's; the legend names the classes in their colours."""
+    import matplotlib
+    y = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2] * 4)
+    clusters = torch.tensor([2, 1, 0] * 4)   # matched clusters: other colours than the classes
+    cueco.plot_tsne(y, labels, clusters, ["cat", "dog", "ship"], str(tmp_path / "t.png"), "a title")
+    (fig,) = figures
+    tab10 = matplotlib.colormaps["tab10"].colors
+    left, right = fig.axes[:2]
+    for ax, c, name in ((left, labels, "true class"), (right, clusters, "k-means cluster")):
+        points = ax.collections[0]
+        assert ax.get_title() == f"coloured by {name}"
+        assert torch.allclose(torch.tensor(points.get_offsets()).float(), y)
+        expected = torch.tensor([[*tab10[i], 0.8] for i in c.tolist()])           # RGBA, alpha 0.8
+        assert torch.allclose(torch.tensor(points.get_facecolors()).float(), expected, atol=1e-6)
+    legend = left.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["cat", "dog", "ship"]
+    assert [tuple(h.get_facecolor()[0][:3]) for h in legend.legend_handles] == list(tab10[:3])
+    assert fig._suptitle.get_text() == "a title" and (tmp_path / "t.png").is_file()
+
+
+def test_curves_figure_plots_the_history(tmp_path, figures):
+    """Four panels, each the history's values of one quantity against the epochs that recorded it, and
+    the uniform share 1/K_c marked on the last."""
+    history = [{"epoch": e, "loss_contrastive": 9 - e, "loss_clustering": 5 - e / 2, "max_cluster_share": 0.1 * e,
+                "num_clusters": 20} for e in range(1, 5)]
+    history[1]["knn"], history[3]["knn"] = 30.0, 45.0                               # the monitor's epochs
+    cueco.plot_curves(history, str(tmp_path / "c.png"))
+    (fig,) = figures
+    panels = [("contrastive loss", [1, 2, 3, 4], [8, 7, 6, 5]), ("clustering loss", [1, 2, 3, 4], [4.5, 4, 3.5, 3]),
+              ("kNN top-1 (%)", [2, 4], [30, 45]), ("largest cluster's share of a batch", [1, 2, 3, 4],
+                                                    [0.1, 0.2, 0.3, 0.4])]
+    assert len(fig.axes) == 4
+    for ax, (title, xs, ys) in zip(fig.axes, panels):
+        line = ax.get_lines()[0]
+        assert ax.get_title() == title and list(line.get_xdata()) == xs
+        assert list(line.get_ydata()) == pytest.approx(ys)
+    uniform = fig.axes[3].get_lines()[1]
+    assert list(uniform.get_ydata()) == [0.05, 0.05]
+
+
+def test_clusters_figure_shows_the_images_in_their_rows(tmp_path, figures):
+    """The grid holds each given image at its row and column (white where a row runs short), 2-px
+    white borders between them, and each row's label beside it."""
+    g, s = torch.Generator().manual_seed(0), 8
+    images = [[torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8) for _ in range(3)],
+              [torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8), None, None]]
+    cueco.plot_clusters(images, ["5 ~ cat", "1 ~ "], str(tmp_path / "k.png"))
+    (fig,) = figures
+    ax = fig.axes[0]
+    grid = torch.as_tensor(ax.get_images()[0].get_array()).permute(2, 0, 1)        # [3, H, W]
+    assert grid.shape == (3, 2 + 2 * (s + 2), 2 + 3 * (s + 2))
+    for r, row in enumerate(images):
+        for c, image in enumerate(row):
+            top, left = 2 + r * (s + 2), 2 + c * (s + 2)
+            cell = grid[:, top:top + s, left:left + s]
+            assert torch.equal(cell, image if image is not None else torch.full_like(cell, 255)), (r, c)
+    assert (grid[:, :2] == 255).all() and (grid[:, :, :2] == 255).all()              # the borders
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["5 ~ cat", "1 ~ "]
+    for r, tick in enumerate(ax.get_yticks()):                                      # beside its row
+        assert 2 + r * (s + 2) <= tick < 2 + r * (s + 2) + s
+
+
 def test_linear_probe_learns_separable_features():
     x, y = blobs(60, 3, 10, 2.0)
     assert cueco.linear_probe(x[::2], y[::2], x[1::2], y[1::2]) > 95
