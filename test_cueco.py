@@ -1205,6 +1205,44 @@ def test_features_improve_over_the_untrained_network_on_real_cifar(cifar_dir, tm
     assert after["knn"] > before["knn"] + 3
 
 
+def make_shapes(root, n_per_class, size=32, seed=0):
+    """An ImageFolder of 4 classes that a view keeps (horizontal and vertical stripes, a disc, a square)
+    at random places, sizes and periods, in random shades of grey (colour would offer a shortcut)."""
+    from torchvision.transforms.v2.functional import to_pil_image
+    g = torch.Generator().manual_seed(seed)
+
+    def r(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    for split, n in (("train", n_per_class), ("test", n_per_class // 2)):
+        for c in ("hstripes", "vstripes", "disc", "square"):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                cy, cx, radius, period = r(10, 22), r(10, 22), r(5, 9), r(4, 7)
+                mask = {"hstripes": (yy / period + r(0, 1)) % 1 < 0.5, "vstripes": (xx / period + r(0, 1)) % 1 < 0.5,
+                        "disc": (yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2,
+                        "square": ((yy - cy).abs() < 0.85 * radius) & ((xx - cx).abs() < 0.85 * radius)}[c]
+                dark = r(0, 0.4)
+                shades = (dark, dark + r(0.4, 0.6))
+                fg, bg = shades if r(0, 1) < 0.5 else shades[::-1]
+                img = torch.where(mask, fg, bg) + 0.05 * torch.randn(3, size, size, generator=g)   # [3, S, S]
+                to_pil_image((img.clamp(0, 1) * 255).to(torch.uint8)).save(os.path.join(root, split, c, f"{i}.png"))
+    return str(root)
+
+
+def test_features_improve_over_the_untrained_network_on_made_up_shapes(tmp_path):
+    """Without ../shared: 8 short epochs on 512 images of 4 shapes that the test draws must beat the
+    untrained network's kNN clearly (+14 points on this data; +6 and +9 on data seeds 1 and 2)."""
+    folder = make_shapes(tmp_path / "d", 128)
+    common = tiny_args(folder, tmp_path / "r", "--width", "8", "--batch-size", "64", "--queue-size", "256",
+                       "--num-clusters", "8", "--lr", "0.24", "--eval-every", "0", "--tsne-points", "0")
+    before = cueco.main(common + ["--epochs", "0"])
+    after = cueco.main(common + ["--epochs", "8"])
+    print(f"kNN untrained {before['knn']:.1f}% -> trained {after['knn']:.1f}%")
+    assert after["knn"] > before["knn"] + 5
+
+
 def test_imagenet_size_folder_trains(tmp_path):
     """Images above 64 px take the ImageNet stem (7x7 stride-2 convolution, max-pool)."""
     folder = make_folder(tmp_path / "d", n_per_class=8, size=80)
