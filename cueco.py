@@ -926,9 +926,10 @@ def pick_precision(device, precision: str = "auto") -> tuple:
     """(precision, why). auto: bf16 where the hardware computes it natively (CUDA compute capability
     8.0 and up; CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (T4, V100,
     where bf16 leaves cuDNN for slow fallbacks), else fp32: other CPUs emulate bf16 (on AVX-512 ones
-    too), 10x slower than fp32 on this project's AVX2 machine, and so does MPS before macOS 14. Batch
+    too), 15x slower than fp32 on this project's AVX2 machine (README.md), and so does MPS before macOS 14;
+    fp16 and bf16 fail on MPS (PyTorch issues 142397 and 154887), so they are refused there. Batch
     norm statistics, the embeddings, Sinkhorn and the losses stay float32 in every precision."""
-    if device.type == "mps" and precision in ("bf16", "fp16"):   # PyTorch bugs 142397 and 154887
+    if device.type == "mps" and precision in ("bf16", "fp16"):
         raise CueCoError(f"--precision {precision} fails on MPS (the fp16 gradient scaler needs float64, and "
                          f"batch norm in eval mode under autocast aborts): use --precision fp32")
     if precision != "auto":
@@ -989,7 +990,7 @@ def run(argv=None) -> dict:
     device = setup_device(args.device)
     precision, why = pick_precision(device, args.precision)
     preset = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[args.preset])
-    why_preset = {"paper": "the paper's setting, 9-13 h on a T4; 200 epochs: --preset gpu",
+    why_preset = {"paper": "the paper's setting, 9-13 h on a T4 by estimate; 200 epochs: --preset gpu",
                   "gpu": "fits a free Colab session; the paper's 800 epochs: --preset paper",
                   "laptop": "no CUDA GPU; the paper's 800 epochs at width 64, weeks here: --preset paper"}
     print(f"preset {args.preset} ({why_preset[args.preset]}): {preset or 'the parser defaults'} | {device}, "
