@@ -1347,9 +1347,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, extra):
 def test_ctrl_c_saves_and_resume_finishes_the_same_run(tmp_path):
     folder = make_folder(tmp_path / "d", n_per_class=40)
     out = tmp_path / "run"
+    # the child takes Ctrl-C even where this suite runs in the background (a shell's `&` ignores SIGINT)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "cueco.py"),
                              *tiny_args(folder, out, "--epochs", "200", "--eval-every", "0", "--log-every", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:   # progress lines of every step: interrupt inside epoch 3
         if line.startswith("epoch 3/"):
             break
