@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="defaults that flags you give override: auto = gpu on a CUDA GPU, else laptop")
     a = p.add_argument_group("data").add_argument
     a("--dataset", default="cifar10", help="cifar10 | cifar100 | folder (train/, test/ or val/)")
-    a("--data-dir", default=None, help="where the data set is or is downloaded to [data/<dataset>]")
+    a("--data-dir", default=None, help="where the data set is or is downloaded to (None: data/<dataset>)")
     a("--image-size", type=int, default=0, help="0 = the data's own (32 CIFAR, 224 large images)")
-    a("--class-list", default=None, help="file of class folder names to keep (e.g. ImageNet-100)")
+    a("--class-list", default=None, help="file of the class folders to keep, e.g. ImageNet-100 (None: all)")
     a("--limit-train", type=int, default=0, help="N class-balanced training images (0 = all)")
     a("--limit-test", type=int, default=0, help="N class-balanced test images (0 = all)")
     a = p.add_argument_group("model and method").add_argument
@@ -98,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--view-scale", type=float, default=1.0, help="side of the training views, as a fraction of the "
       "image size (ours; the evaluation sees whole images at full size)")
     a("--seed", type=int, default=0, help="seeds the weights, the views, the subsets and the evaluation")
-    a("--resume", default=None, help="checkpoint.pt to continue from; its settings are the defaults")
+    a("--resume", default=None, help="checkpoint.pt to go on from, its settings the defaults (None: new)")
     a("--save-minutes", type=float, default=1.0, help="checkpoint after each epoch that ends this long "
       "after the last one, and at the end: a crash loses up to this much training plus an epoch")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--eval-every", type=int, default=10, help="kNN monitor every N epochs (0: only at the end)")
     a("--tsne-points", type=int, default=2000, help="test images in the t-SNE figure (0 = none)")
     a("--log-every", type=int, default=20, help="steps between progress lines")
-    a("--out", default=None, help="checkpoint.pt and metrics.json go here [runs/<data>]")
+    a("--out", default=None, help="checkpoint.pt and metrics.json go here (None: runs/<data>)")
     a("--figures-dir", default="figures", help="where the t-SNE, cluster and curve figures go")
     a = p.add_argument_group("machine").add_argument
     a("--device", default="auto", help="auto (CUDA if present, else the CPU) | cpu | cuda | cuda:N | mps")
