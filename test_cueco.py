@@ -1746,22 +1746,6 @@ def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
     assert [(x.shape, x.device.type) for x in x_host] == [((8, 3, 24, 24), "cuda")] * 2 and host_mode.syncs == []
 
 
-def test_compile_flag_compiles_both_networks_end_to_end(tmp_path, monkeypatch):
-    """--compile wires both networks through torch.compile (with aot_eager: the same graph capture and
-    autograd as Inductor, without a minute of C++ code generation on the CPU)."""
-    torch._dynamo.reset()
-    folder, compiled = make_folder(tmp_path / "d", n_per_class=8), []
-    real_compile, real_method = torch.compile, torch.nn.Module.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (
-        compiled.append(fn), real_compile(fn, **{**kw, "backend": "aot_eager"}))[1])
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: (
-        compiled.append(self), real_method(self, **{**kw, "backend": "aot_eager"}))[0])
-    final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "2", "--compile", "--tsne-points", "0"))
-    assert math.isfinite(final["knn"]) and math.isfinite(final["linear"])
-    encoders = [m for m in compiled if isinstance(m, cueco.Encoder)]   # (Module.compile calls torch.compile)
-    assert len(encoders) == 2 and encoders[0] is not encoders[1]      # encoder_q and encoder_k
-
-
 # ---------------------------------------------------------------------------------------------------------
 # a GPU student's first run: the preset it gets, an honest time left, and every failure one line
 # ---------------------------------------------------------------------------------------------------------
