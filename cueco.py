@@ -9,14 +9,15 @@ holds its last K keys. For the query q of one view and the key k+ of the other v
       L_con = -log( exp(q.k+ / T) / (exp(q.k+ / T) + sum_{j=1..K} exp(q.queue_j / T)) )
   clustering loss, pulls each cluster together (OURS: the paper publishes no formula):
       Q(k) = Sinkhorn(k.C / eps)    soft assignment of keys to K_c centroids C, equal sizes per batch
-      L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c
+      L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, the mean of two heads: K_c centroids, and K,
+      the number of classes, whose argmax over q.C_K is the model's own clustering of the test images
   L = L_con(q1, k2) + L_con(q2, k1) + lambda * (L_clu(q1, k2) + L_clu(q2, k1))
 
-Ours, not the paper's: all of L_clu (the centroids C live in the encoder, so the key network carries
-a slow copy; SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100, tau = 0.1,
-eps = 0.05), lambda = 1, raised in equal steps, one per epoch, to its full value at the end of the
-first half of training (lambda = 0 is MoCo-v2), and the gpu and laptop presets. The rest is the MoCo
-CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head (README.md).
+Ours, not the paper's: all of L_clu (the centroids C live in the encoder, so the key network carries a
+slow copy; SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100 and the K head; tau
+0.1, eps 0.05; C learns at 10 times the rate), lambda = 1, raised in equal steps, one per epoch, to its full
+value at the end of the first half of training (lambda = 0 is MoCo-v2), and the gpu and laptop presets. The
+rest is the MoCo CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head.
 
 Sections: 1 configuration; the method as a training step runs it: 2 augmentation recipe, 3 backbone,
 4 query/key model and queue, 5 losses, 6 training; 7 how it is made fast; 8 evaluation, 9 clustering
@@ -30,6 +31,7 @@ metrics and t-SNE, 10 figures, 11 data sets, 12 plumbing, 13 main. Results: READ
 """
 import argparse
 import collections
+import datetime
 import json
 import math
 import os
@@ -49,17 +51,15 @@ from torchvision.transforms import v2
 class CueCoError(Exception):
     """A problem with the user's input or machine: one line on stderr, exit status 2, no traceback."""
 
-# A preset is a named set of defaults; a flag given on the command line wins over it. "paper" is the
-# parser's own defaults: the paper's network and batch for 800 epochs. "gpu" (ours) stops at 200, which
-# a free Colab T4 session can finish, for about 95% of the accuracy (the MoCo notebook: 85.3% kNN at 200
-# epochs, 89.7% at 800). "laptop" (ours) trains a narrow network on all the images for 16 epochs of
-# 24-px views, in the time of 8 epochs of 32-px ones (README.md).
+# A preset is a named set of defaults, which flags override. "paper" is the parser's own: the paper's
+# network and batch for 800 epochs. "gpu" (ours) stops at 200, which a free Colab T4 session can finish,
+# for about 95% of the accuracy (MoCo notebook: 85.3% kNN at 200 epochs, 89.7% at 800). "laptop" (ours)
+# trains a narrow network on all the images for 16 epochs of 24-px views, in 8 32-px epochs' time.
 PRESETS = {"paper": {}, "gpu": {"epochs": 200},
            "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4}}
 
 def build_parser() -> argparse.ArgumentParser:
-    # the defaults below are the paper preset's; the epilog, built from PRESETS, says what the others
-    # change, since on a CPU --preset auto runs the laptop preset, not what the list shows
+    # the defaults below are the paper preset's; the epilog, built from PRESETS, says what others change
     presets = "; ".join(f"{name} = " + (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                                       or "as shown") for name, d in PRESETS.items())
     p = argparse.ArgumentParser(prog="cueco.py", description="CueCo self-supervised learning, one file",
@@ -85,11 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, default=0.1, help="T of the contrastive loss")
     a("--key-momentum", type=float, default=0.99, help="m of the key network's moving average")
     a("--num-clusters", type=int, default=100, help="K_c, centroids C of the clustering loss (ours)")
+    a("--head-clusters", type=int, default=None, help="K, centroids C_K of a second head (ours), whose "
+      "argmax clusters the images (None: the number of classes; 0: no head)")
     a("--lambda-clu", type=float, default=1.0, help="lambda, weight of the clustering loss; 0 = MoCo-v2")
     a("--clu-warmup", type=float, default=0.5, help="lambda rises in equal steps, one per epoch, to "
       "its full value at the end of this fraction of the epochs")
     a("--clu-temperature", type=float, default=0.1, help="tau of the clustering softmax (ours)")
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
+    a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -114,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the query and key networks")
     a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device, and on a GPU "
       "at most half its free memory (else in host memory, copied a batch at a time)")
-    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-      help="processes decoding a folder's images")
+    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="workers decoding folder images")
     return p
 
 def resolve_preset(args) -> str:
@@ -150,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     rules = [("batch_size width dim queue_size num_clusters bn_splits log_every lr temperature "
               "clu_temperature sinkhorn_eps", "> 0", lambda v: v > 0),
              ("epochs limit_train limit_test eval_every num_workers image_size tsne_points lambda_clu "
-              "weight_decay memory_gb save_minutes", ">= 0", lambda v: v >= 0),
+              "weight_decay memory_gb save_minutes centroid_lr", ">= 0", lambda v: v >= 0),
+             ("head_clusters", ">= 0", lambda v: v is None or v >= 0),   # None: the number of classes
              ("key_momentum", "in [0, 1)", lambda v: 0 <= v < 1),
              ("view_scale", "in (0, 1]", lambda v: 0 < v <= 1),
              ("clu_warmup", "in [0, 1]", lambda v: 0 <= v <= 1)]
@@ -195,10 +198,9 @@ def blur_kernel(size: int) -> int:
 
 # ========================== 3. Backbone: ResNet-18 with split batch norm ==========================
 class SplitBatchNorm(nn.BatchNorm2d):
-    """Batch norm with statistics from `num_splits` groups of the batch, as if each were on its own GPU
-    (the MoCo CIFAR-10 notebook's trick). With the key batch shuffled, a query and its positive key are
-    normalised with statistics of different images; otherwise the network finds the positive key
-    through the batch statistics rather than the image (the "BN leak"), which costs MoCo ~4 points."""
+    """Batch norm over `num_splits` groups of the batch, as if each were on its own GPU (the MoCo CIFAR-10
+    notebook's trick): with the key batch shuffled, a query and its positive key are normalised with other
+    images' statistics, else the network finds the key through them (the "BN leak": ~4 points of MoCo)."""
     def __init__(self, num_features: int, num_splits: int):
         super().__init__(num_features)
         self.num_splits = num_splits
@@ -252,35 +254,36 @@ class ResNet18(nn.Module):
 # ============ 4. The query/key model: encoder_q, its momentum copy encoder_k, the queue ============
 class Encoder(nn.Module):
     """Backbone -> MLP head -> unit-length embedding z [N, D], and its cosines with the centroids C,
-    which live here (ours) so that the keys and the centroids that assign them come from one network."""
-    def __init__(self, width: int, dim: int, num_clusters: int, cifar_stem: bool, bn_splits: int):
+    which live here (ours) so that the keys and the centroids that assign them come from one network.
+    C stacks the K_c centroids and, if any, the K of the second head, whose argmax is a clustering."""
+    def __init__(self, width: int, dim: int, num_clusters: int, cifar_stem: bool, bn_splits: int, K=0):
         super().__init__()
         self.backbone = ResNet18(width, cifar_stem, bn_splits)
         f = self.backbone.out_dim
         self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, dim))   # MoCo-v2's
-        self.C = nn.Parameter(F.normalize(torch.randn(num_clusters, dim), dim=1))        # C: [K_c, D]
+        self.C = nn.Parameter(F.normalize(torch.randn(num_clusters + K, dim), dim=1))    # C: [K_c+K, D]
         self.register_buffer("C_start", self.C.detach().clone())   # to log how far C has moved
     def forward(self, x):
         h = self.projector(self.backbone(x))                                   # h: [N, D]
         with torch.autocast(x.device.type, enabled=False):   # float32 whatever the autocast (section 12)
             z = F.normalize(h.float(), dim=1)                                  # z: [N, D]
-            return z, z @ F.normalize(self.C.float(), dim=1).t()               # z.C: [N, K_c]
+            return z, z @ F.normalize(self.C.float(), dim=1).t()               # z.C: [N, K_c+K]
 
 class CueCo(nn.Module):
     def __init__(self, width=64, dim=128, num_clusters=100, queue_size=4096, cifar_stem=True,
-                 bn_splits=8):
+                 bn_splits=8, head_clusters=0):
         super().__init__()
-        self.encoder_q = Encoder(width, dim, num_clusters, cifar_stem, bn_splits)
-        self.encoder_k = Encoder(width, dim, num_clusters, cifar_stem, bn_splits)
+        self.heads = [num_clusters] + [head_clusters] * (head_clusters > 0)   # the K_c and K of C's rows
+        self.encoder_q = Encoder(width, dim, num_clusters, cifar_stem, bn_splits, head_clusters)
+        self.encoder_k = Encoder(width, dim, num_clusters, cifar_stem, bn_splits, head_clusters)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)   # it learns only through the momentum update
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
     @torch.no_grad()
     def momentum_update(self, m: float):
-        """theta_k <- m theta_k + (1 - m) theta_q, centroids included: with m near 1 the keys in the
-        queue, made over the last few hundred steps, stay comparable. BN statistics stay the key
-        network's own. Written as theta_k + (1 - m) (theta_q - theta_k), in a few fused kernels."""
+        """theta_k <- m theta_k + (1 - m) theta_q, centroids included: with m near 1 the queue's keys, made
+        over the last few hundred steps, stay comparable. BN statistics stay the key network's own."""
         torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - m)
     @torch.no_grad()
     def keys(self, x: torch.Tensor, shuffle: bool = True):
@@ -312,9 +315,8 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: f
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Balanced soft assignment (Sinkhorn-Knopp, as SwAV): scores [N, K_c] -> Q [N, K_c], each row
-    summing to 1, each cluster taking 1/K_c of the batch. Ours, over CoKe's minimal cluster size:
-    both forbid one cluster for everything, but Sinkhorn keeps no state across steps; its price,
-    equal sizes per batch, is mild with 100 clusters for 10 classes."""
+    summing to 1, each cluster taking 1/K_c of the batch. Ours, over CoKe's minimal cluster size: both forbid
+    one cluster for all, but Sinkhorn is stateless; its price, equal sizes per batch, suits balanced data."""
     logits = scores.float().t() / eps                                  # logits: [K_c, N]
     Q = torch.exp(logits - logits.max())                               # Q: [K_c, N], no overflow
     K_c, N = Q.shape
@@ -324,12 +326,16 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
         Q /= Q.sum(dim=0, keepdim=True) * N                            # each sample: 1/N
     return (Q * N).t()                                                 # Q: [N, K_c]
 
-def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float, heads=None):
     """Ours: L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, batch mean: the query predicts its key's
-    balanced assignment. s_q, s_k: [N, K_c] cosines of query and key with C (gradient: to q and C)."""
-    Q = sinkhorn(s_k, eps)                                             # Q: [N, K_c]
-    log_p = F.log_softmax(s_q.float() / tau, dim=1)                    # log_p: [N, K_c]
-    return -(Q * log_p).sum(dim=1).mean()                              # a scalar
+    balanced assignment. s_q, s_k: [N, K_c+K] cosines of query and key with C (gradient: to q and C);
+    heads: the sizes of C's blocks, [K_c, K]: the mean of the heads' L_clu, each with its own Sinkhorn."""
+    heads, loss = heads or [s_q.shape[1]], 0.0
+    for sq, sk in zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1)):   # [N, K_h] each
+        Q = sinkhorn(sk, eps)                                          # Q: [N, K_h]
+        log_p = F.log_softmax(sq.float() / tau, dim=1)                 # log_p: [N, K_h]
+        loss = loss - (Q * log_p).sum(dim=1).mean()                    # a scalar
+    return loss / len(heads)
 
 def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.Tensor, T: float,
                tau: float, eps: float, lam: float, shuffle: bool = True):
@@ -343,7 +349,9 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
     queue = model.queue                                                # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)   # scalar
-        l_clu = clustering_loss(s1, sk2, tau, eps) + clustering_loss(s2, sk1, tau, eps)   # scalar
+        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads)
+                 + clustering_loss(s2, sk1, tau, eps, model.heads))                             # scalar
+    s1 = s1[:, :model.heads[0]]                                        # s1: [N, K_c], the first head
     shares = (s1 == s1.max(dim=1, keepdim=True).values).float().mean(0)   # shares: [K_c]
     return l_con + lam * l_clu, l_con.detach(), l_clu.detach(), torch.cat([k1, k2]), shares
 
@@ -356,23 +364,23 @@ def clustering_weight(lambda_clu: float, epoch: int, epochs: int, clu_warmup: fl
         return lambda_clu
     return lambda_clu * min(1.0, epoch / (clu_warmup * epochs))
 
-def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with momentum 0.9; no weight decay on the centroids, of which only the direction counts."""
+def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float, centroid_lr=1.0) -> torch.optim.SGD:
+    """SGD with momentum 0.9; no weight decay on the centroids, of which only the direction counts, and
+    centroid_lr times the learning rate (ours): C's gradient is scaled by lambda, small while it ramps."""
     rest = [p for name, p in encoder_q.named_parameters() if name != "C"]
-    return torch.optim.SGD([{"params": rest}, {"params": [encoder_q.C], "weight_decay": 0.0}],
+    return torch.optim.SGD([{"params": rest, "scale": 1.0},
+                            {"params": [encoder_q.C], "weight_decay": 0.0, "scale": centroid_lr}],
                            lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, device, precision: str,
-          start_epoch=0, history=None) -> tuple:
-    """Epochs start_epoch+1 .. args.epochs; each ends with the kNN monitor every --eval-every epochs
-    and at the last, metrics.json and, every --save-minutes at most, a checkpoint. Returns the
-    history and the last epoch's features (train, test), for the final evaluation."""
-    history = [] if history is None else history
+          start_epoch: int, history: list) -> tuple:
+    """Epochs start_epoch+1 .. args.epochs, each ending with the kNN monitor (every --eval-every and the
+    last), metrics.json and a checkpoint (every --save-minutes at most). Returns the last epoch's features
+    (train, test) if it extracted them, for the final evaluation; history grows in place."""
     steps = len(data.train) // args.batch_size
     base_lr = args.lr * args.batch_size / 512   # the recipe's lr is for batch 512
-    # Smaller views (--view-scale) cost about (S / H)^2 of a full step, and lose little: random crops
-    # enlarge the objects, so views of 3/4 the size show them about as large as the whole test images
-    # do (FixRes, Touvron et al. 2019).
+    # Smaller views (--view-scale) cost about (S / H)^2 of a full step and lose little: random crops enlarge
+    # objects, so 3/4-size views show them about as large as whole test images do (FixRes, Touvron 2019).
     size = round(args.view_scale * data.image_size)
     last_save, last = time.time(), None
     for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -389,7 +397,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
             lr = base_lr * 0.5 * (1 + math.cos(angle))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["scale"]
 
             with autocast(device, precision):
                 loss, l_con, l_clu, keys, shares = cueco_loss(model, encoder_q, x1, x2, args.temperature,
@@ -419,7 +427,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
                 left = ((args.epochs - epoch + 1) * steps - step - 1) * per_step
                 print(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {avg[0]:.3f} "
                       f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} | "
-                      f"{size} px, {speed:.0f} img/s | {hms(left)} left")
+                      f"{size} px, {speed:.0f} img/s | {datetime.timedelta(seconds=round(left))} left")
 
         # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
         seconds = time.time() - t0
@@ -446,17 +454,16 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scaler, epoch,
                             vars(args), history)
             last_save = time.time()
-    return history, last
+    return last
 
 # ========================= 7. Making it fast: whole batches on the device =========================
-# The usual recipe, DataLoader workers augmenting one image at a time on the CPU, would limit CIFAR
-# training on a GPU more than the ResNet does. So the training set is decoded once into one uint8
-# tensor, on the device when it fits in --memory-gb (else in host memory, a batch at a time copied
-# over), and `augment` draws both views of a whole batch on the device, from the distribution of
-# `mocov2_transform` (the tests compare the two). Nothing in a step makes the host wait for the GPU:
-# statistics stay on the device until a progress line, per-batch choices come from `random`, and a
-# batch from host memory is copied from page-locked memory without waiting (fp16 aside: its gradient
-# scaler reads one value a step to skip steps whose gradients overflowed).
+# DataLoader workers augmenting one image at a time on the CPU would limit CIFAR training on a GPU more
+# than the ResNet does. So the training set is decoded once into a uint8 tensor, on the device if it fits
+# (train_set_place), and `augment` draws both views of a whole batch on the device, from the distribution
+# of `mocov2_transform` (the tests compare the two). Nothing in a step makes the host wait for the GPU:
+# statistics stay on the device until a progress line, per-batch choices come from `random`, and a batch
+# from host memory is copied from page-locked memory without waiting (fp16 aside: its gradient scaler
+# reads one value a step to skip steps whose gradients overflowed).
 def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int):
     """Two views [B, 3, size, size] of each batch of an epoch, from the images data.train [N, 3, H, W]."""
     order = torch.Generator(device=data.train.device).manual_seed(seed + epoch)
@@ -575,12 +582,11 @@ def features(backbone: nn.Module, data, device, precision="fp32", batch_size=512
 def knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, chunk=1024) -> float:
     """Top-1 accuracy (%) of weighted kNN (Wu et al. 2018, MoCo's monitor): each of the k nearest
     training features (cosine similarity) votes for its class with weight exp(similarity / t)."""
-    dev = train_x.device
+    dev, correct = train_x.device, 0
     train_x = F.normalize(train_x.float(), dim=1)                      # train_x: [N, F]
     test_x = F.normalize(test_x.to(dev).float(), dim=1)                # test_x: [T, F]
     train_y, test_y = train_y.to(dev), test_y.to(dev)                  # [N], [T]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = 0
     for i in range(0, len(test_x), chunk):
         sim = test_x[i:i + chunk] @ train_x.t()                        # sim: [M, N]
         top_sim, top_idx = sim.topk(min(k, len(train_x)), dim=1)       # [M, k]
@@ -714,8 +720,7 @@ def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
     d2.fill_diagonal_(float("inf"))   # a point is not its own neighbour
     # each point's Gaussian precision beta_i, by bisection: the entropy of P(.|i) is log(perplexity)
     target = math.log(min(perplexity, (n - 1) / 3))
-    lo = torch.full((n, 1), -50.0, dtype=x.dtype)                     # log beta: [N, 1]
-    hi = torch.full((n, 1), 50.0, dtype=x.dtype)                      # hi: [N, 1]
+    lo, hi = x.new_full((n, 1), -50.0), x.new_full((n, 1), 50.0)        # bounds of log beta: [N, 1]
     for _ in range(64):
         mid = (lo + hi) / 2                                            # mid: [N, 1]
         P = torch.softmax(-d2 * mid.exp(), dim=1)                      # P(j|i): [N, N]
@@ -743,12 +748,12 @@ def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
     return y
 
 # ============== 10. Figures (matplotlib's object API: no global state, no display needed) ==============
-def plot_tsne(y, labels, clusters, classes: list, path: str, title: str = ""):
-    """The t-SNE coloured by true class, and by k-means cluster in the colour of its matched class."""
+def plot_tsne(y, labels, clusters, classes: list, path: str, title: str = "", what="k-means cluster"):
+    """The t-SNE coloured by true class, and by cluster (`what` kind) in the colour of its matched class."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(13, 6.2), dpi=110)
     cmap = "tab10" if len(classes) <= 10 else "tab20"
-    for ax, c, name in zip(fig.subplots(1, 2), (labels, clusters), ("true class", "k-means cluster")):
+    for ax, c, name in zip(fig.subplots(1, 2), (labels, clusters), ("true class", what)):
         sc = ax.scatter(y[:, 0].cpu(), y[:, 1].cpu(), c=c.cpu().clamp_min(0), cmap=cmap, s=4, alpha=0.8,
                         linewidths=0, vmin=0, vmax=max(len(classes), 10) - 1)
         ax.set(title=f"coloured by {name}", xticks=[], yticks=[])
@@ -788,9 +793,8 @@ def plot_curves(history: list, path: str, title: str = ""):
     fig.savefig(path)
 
 # ====================== 11. Data sets: CIFAR-10/100 (and CIFAR-20), image folders ======================
-# What a run trains and evaluates on: uint8 images [N, 3, S, S] and their labels [N]; the training
-# images with their labels are also the kNN monitor's bank and the linear probe's training set.
-# test_y20: CIFAR-100's 20 superclasses, else None.
+# What a run trains and evaluates on: uint8 images [N, 3, S, S] and labels [N] (the training ones are also
+# the kNN bank and the probe's training set); test_y20: CIFAR-100's 20 superclasses, else None.
 Data = collections.namedtuple("Data", ["train", "train_y", "test", "test_y", "classes", "image_size",
                                        "test_y20"], defaults=[None])
 
@@ -867,9 +871,8 @@ def load_folder(args) -> Data:
     size = size if args.image_size or size <= 64 else 224              # large images: 224 px
     resize = [v2.Resize((size, size))] if size <= 64 else [v2.Resize(size * 8 // 7), v2.CenterCrop(size)]
     plain = v2.Compose([v2.PILToTensor(), *resize])                    # uint8 [3, S, S]
-    train_x = decode(train, plain, size, args.num_workers)             # train_x: [N, 3, S, S]
-    test_x = decode(test, plain, size, args.num_workers)               # test_x: [T, 3, S, S]
-    return Data(train_x, ys[0], test_x, ys[1], classes, size)
+    xs = [decode(s, plain, size, args.num_workers) for s in (train, test)]   # [N, 3, S, S], [T, 3, S, S]
+    return Data(xs[0], ys[0], xs[1], ys[1], classes, size)
 
 def load_cifar(args) -> Data:
     """CIFAR-10 or CIFAR-100 through torchvision, downloaded if need be, as uint8 tensors."""
@@ -895,8 +898,7 @@ def load_cifar(args) -> Data:
 def setup_device(name: str) -> torch.device:
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-        # a real kernel, read back: it fails here, not at the first step, where PyTorch cannot compute
-        # (allocating runs no kernel, so it passes on a GPU that this PyTorch build has no code for)
+        # a real kernel, read back, fails here on a GPU this PyTorch build has no code for (allocating passes)
         (torch.ones(2, device=device) * 2).sum().item()
     except Exception as e:
         msg = str(e).splitlines()[0][:80]
@@ -923,12 +925,11 @@ def train_set_place(nbytes: int, device, memory_gb: float) -> tuple:
     return device, f"on {device} ({size})"
 
 def pick_precision(device, precision: str = "auto") -> tuple:
-    """(precision, why). auto: bf16 where the hardware computes it natively (CUDA compute capability
-    8.0 and up; CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (T4, V100,
-    where bf16 leaves cuDNN for slow fallbacks), else fp32: other CPUs emulate bf16 (on AVX-512 ones
-    too), 15x slower than fp32 on this project's AVX2 machine (README.md), and so does MPS before macOS 14;
-    fp16 and bf16 fail on MPS (PyTorch issues 142397 and 154887), so they are refused there. Batch
-    norm statistics, the embeddings, Sinkhorn and the losses stay float32 in every precision."""
+    """(precision, why). auto: bf16 where the hardware computes it natively (CUDA compute capability 8.0
+    and up; CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (T4, V100, where bf16
+    leaves cuDNN for slow fallbacks), else fp32: other CPUs (AVX-512 ones too) and MPS before macOS 14
+    emulate bf16, 15x slower than fp32 on this project's AVX2 machine (README.md); on MPS both fail
+    (PyTorch issues 142397, 154887). Batch norm statistics, embeddings, Sinkhorn, losses stay float32."""
     if device.type == "mps" and precision in ("bf16", "fp16"):
         raise CueCoError(f"--precision {precision} fails on MPS (the fp16 gradient scaler needs float64, and "
                          f"batch norm in eval mode under autocast aborts): use --precision fp32")
@@ -979,11 +980,6 @@ def write_json(path: str, obj):
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
 
-def hms(seconds: float) -> str:
-    """'02:03:04', or '27d 02:03:04' past a day (a clock's %H starts again at 24 hours)."""
-    days, rest = divmod(round(seconds), 86400)
-    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
-
 # ============== 13. Main: data, model, resume, train, evaluate, figures, metrics.json ==============
 def run(argv=None) -> dict:
     args = parse_args(argv)
@@ -1003,9 +999,10 @@ def run(argv=None) -> dict:
     where, place = train_set_place(data.train.numel(), device, args.memory_gb)
     data = data._replace(train=data.train.to(where))
 
+    K = len(data.classes) if args.head_clusters is None else args.head_clusters   # none in MoCo-v2:
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
-                  args.bn_splits).to(device)
-    optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay)
+                  args.bn_splits, K if args.lambda_clu else 0).to(device)         # C_K would not learn
+    optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay, args.centroid_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     history, start_epoch = [], 0
     if args.resume:
@@ -1020,8 +1017,8 @@ def run(argv=None) -> dict:
           f"images, {data.image_size} px, ResNet-18 width {args.width}, training images {place}")
 
     try:
-        _, feats = train(args, model, encoder_q, optimizer, scaler, data, device, precision, start_epoch,
-                         history)
+        feats = train(args, model, encoder_q, optimizer, scaler, data, device, precision, start_epoch,
+                      history)
         return report(args, model, data, device, precision, history, feats)
     except (KeyboardInterrupt, torch.cuda.OutOfMemoryError) as e:   # one line, and how to go on
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else (
@@ -1040,38 +1037,47 @@ def method_name(args) -> str:
 
 @torch.no_grad()
 def report(args, model, data, device, precision, history, feats=None) -> dict:
-    """The final metrics (kNN, linear probe, k-means NMI/ARI/ACC, CIFAR-20's with suffix 20), the
-    figures and metrics.json; feats: the last epoch's features, if it extracted them."""
+    """The final metrics (kNN, linear probe, NMI/ARI/ACC of k-means on the backbone features, of k-means
+    on z (z_), of the model's own clusters (head_), CIFAR-20's with suffix 20), the figures and
+    metrics.json; feats: the last epoch's features, if it extracted them."""
     f_train, f_test = feats or features(model.encoder_q.backbone, data, device, precision)
     final = {"knn": knn_accuracy(f_train, data.train_y, f_test, data.test_y)}
     with torch.enable_grad():
         final["linear"] = linear_probe(f_train, data.train_y, f_test, data.test_y, seed=args.seed)
     clusters = kmeans(f_test, len(data.classes), seed=args.seed)       # clusters: [N_test]
     final.update(cluster_metrics(clusters, data.test_y))
+    final["largest_kmeans_cluster"] = torch.bincount(clusters).max().item() / len(clusters)
     if data.test_y20 is not None:
         coarse = cluster_metrics(kmeans(f_test, 20, seed=args.seed), data.test_y20)
         final.update({k + "20": v for k, v in coarse.items()})
-    final["largest_kmeans_cluster"] = torch.bincount(clusters).max().item() / len(clusters)
+    z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
+    final.update({"z_" + k: v for k, v in cluster_metrics(kmeans(z, len(data.classes), seed=args.seed),
+                                                          data.test_y).items()})
+    own = len(model.heads) > 1   # the model's own clusters: each image to its nearest centroid of C_K
+    if own:
+        C_K = F.normalize(model.encoder_q.C[model.heads[0]:].float(), dim=1)   # C_K: [K, D]
+        clusters = (z @ C_K.t()).argmax(dim=1)                         # clusters: [N_test]
+        final.update({"head_" + k: v for k, v in cluster_metrics(clusters, data.test_y).items()})
 
-    name = data_name(args)
+    name, what = data_name(args), "own cluster (argmax z.C_K)" if own else "k-means cluster"
     title = f"{method_name(args)} on {name}, epoch {args.epochs}"
     matched = match_clusters(clusters, data.test_y)   # each test image's cluster, named as its class
     if args.tsne_points:
         idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0)   # idx: [n]
         emb = tsne(f_test[idx.to(device)], seed=args.seed)             # emb: [n, 2]
         plot_tsne(emb, data.test_y[idx], matched[idx], data.classes,
-                  os.path.join(args.figures_dir, f"tsne_{name}.png"),
-                  f"{title}: kNN {final['knn']:.1f}%, NMI {final['nmi']:.3f} ({len(idx)} test images)")
+                  os.path.join(args.figures_dir, f"tsne_{name}.png"), f"{title}: kNN {final['knn']:.1f}%, "
+                  f"NMI {final['head_nmi' if own else 'nmi']:.3f} ({len(idx)} test images)", what)
 
     # what the network groups without labels: for each cluster (up to 20), the images nearest its centre
-    rows = cluster_exemplars(f_test, clusters)[:20]                    # rows: [<=20, 10]
+    rows = cluster_exemplars(z if own else f_test, clusters)[:20]      # rows: [<=20, 10]
     images = [[data.test[i] if i >= 0 else None for i in row] for row in rows.tolist()]   # uint8 [3, S, S]
     names = []
     for c, row in enumerate(rows.tolist()):   # "size ~ matched class"; none where no class is left for it
         cls = int(matched[row[0]]) if row[0] >= 0 else -1
         names.append(f"{int((clusters == c).sum())} ~ {data.classes[cls] if cls >= 0 else ''}")
     plot_clusters(images, names, os.path.join(args.figures_dir, f"clusters_{name}.png"),
-                  f"{title}\nthe test images nearest each k-means centre (row: cluster size ~ matched class)")
+                  f"{title}\nthe test images nearest the centre of each {what} (row: size ~ matched class)")
     if history:
         plot_curves(history, os.path.join(args.figures_dir, f"curves_{name}.png"),
                     f"{title} (lambda {args.lambda_clu}, warm-up {args.clu_warmup}, K_c {args.num_clusters})")

@@ -137,6 +137,36 @@ def test_clustering_loss_is_cross_entropy_to_three_sinkhorn_iterations():
     assert torch.allclose(cueco.clustering_loss(s_q, s_k, 0.1, 0.05), expected, atol=1e-5)
 
 
+def test_two_heads_each_balance_their_own_clusters_and_their_losses_are_averaged():
+    """heads [5, 3]: the first 5 and the last 3 columns are two clusterings, each with its own Sinkhorn
+    (against the textbook one on its block alone) and cross-entropy; L_clu is their mean. One Sinkhorn over
+    all 8 columns, or the sum of the heads, is another loss."""
+    s_q, s_k = unit(12, 5, 4) @ unit(8, 5, 5).t(), unit(12, 5, 6) @ unit(8, 5, 7).t()   # [12, 8] each
+    s_k[:, 5] += 0.5   # one cluster of the second head is everyone's favourite: Sinkhorn must share it out
+    per_head = [F.cross_entropy(s_q[:, cols] / 0.1, sinkhorn_reference(s_k[:, cols], 0.05, 3))
+                for cols in (slice(0, 5), slice(5, 8))]
+    got = cueco.clustering_loss(s_q, s_k, 0.1, 0.05, [5, 3])
+    assert torch.allclose(got, (per_head[0] + per_head[1]) / 2, atol=1e-5)
+    assert not torch.allclose(got, cueco.clustering_loss(s_q, s_k, 0.1, 0.05), atol=1e-3)   # one head of 8
+
+
+def test_the_model_stacks_the_second_heads_centroids_under_C_and_shares_count_the_first_head():
+    model, (x1, x2) = tiny_model(num_clusters=5, head_clusters=3), fixed_views(8, 16)
+    assert model.heads == [5, 3] and model.encoder_q.C.shape == (8, 8) and tiny_model().heads == [5]
+    loss, _, l_clu, _, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0,
+                                                 shuffle=False)
+    with torch.no_grad():
+        s1, s2 = model.encoder_q(x1)[1], model.encoder_q(x2)[1]
+        t1, t2 = model.keys(x1, shuffle=False)[1], model.keys(x2, shuffle=False)[1]
+        expected = (cueco.clustering_loss(s1, t2, 0.1, 0.05, [5, 3])
+                    + cueco.clustering_loss(s2, t1, 0.1, 0.05, [5, 3]))
+    assert s1.shape == (8, 8) and shares.shape == (5,) and torch.equal(shares, torch.bincount(
+        s1[:, :5].argmax(1), minlength=5) / 8)
+    assert torch.allclose(l_clu, expected, atol=1e-5)
+    loss.backward()
+    assert model.encoder_q.C.grad[5:].abs().sum() > 0   # the second head learns
+
+
 def test_sinkhorn_marginals_are_balanced_even_when_one_cluster_dominates():
     scores = unit(256, 16, 8) @ unit(10, 16, 9).t()                 # cosines [256, 10]
     scores[:, 0] += 1.0                                             # ~every sample prefers cluster 0
@@ -250,7 +280,9 @@ def test_queue_is_fifo_and_wraps_around():
 
 def test_optimizer_decays_all_weights_but_the_centroids():
     model = tiny_model()
-    opt = cueco.make_optimizer(model.encoder_q, 0.1, 5e-4)
+    opt = cueco.make_optimizer(model.encoder_q, 0.1, 5e-4, centroid_lr=7.0)
+    assert opt.param_groups[1]["params"] == [model.encoder_q.C] and opt.param_groups[1]["scale"] == 7.0
+    assert opt.param_groups[0]["scale"] == 1.0   # train() sets each group's lr to the schedule's times this
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.encoder_q.C) not in decayed
     assert decayed == {id(p) for n, p in model.encoder_q.named_parameters() if n != "C"}
@@ -846,7 +878,8 @@ def test_cifar100_scores_the_20_superclasses_from_its_own_file(tmp_path, monkeyp
         scored.append(target.tolist()), real(pred, target))[1])
     final = cueco.main(argv)
     assert {"nmi20", "ari20", "acc20"} <= set(final) and final["nmi20"] != final["nmi"]
-    assert scored == [test_labels, [(3 * y + 1) % 20 for y in test_labels]]   # fine, then coarse
+    coarse = [(3 * y + 1) % 20 for y in test_labels]   # k-means fine, coarse, then on z, then the own head
+    assert scored == [test_labels, coarse, test_labels, test_labels]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -928,7 +961,7 @@ RANGE_RULES = [(flag, value, "> 0") for flag, value in [
         ("--epochs", "-1"), ("--limit-train", "-1"), ("--limit-test", "-1"), ("--eval-every", "-1"),
         ("--num-workers", "-1"), ("--image-size", "-1"), ("--tsne-points", "-1"),
         ("--lambda-clu", "-0.01"), ("--weight-decay", "-1e-6"), ("--memory-gb", "-0.01"),
-        ("--save-minutes", "-0.01")]] + \
+        ("--save-minutes", "-0.01"), ("--head-clusters", "-1"), ("--centroid-lr", "-0.01")]] + \
     [("--key-momentum", "1", "in [0, 1)"), ("--key-momentum", "-0.01", "in [0, 1)"),
      ("--view-scale", "0", "in (0, 1]"), ("--view-scale", "1.01", "in (0, 1]"),
      ("--clu-warmup", "-0.01", "in [0, 1]"), ("--clu-warmup", "1.01", "in [0, 1]")]
@@ -1067,7 +1100,8 @@ def train_only(monkeypatch, folder, out, *extra):
 
 
 def test_the_optimizer_steps_with_the_scheduled_lr_and_the_loss_with_the_ramped_lambda(tmp_path, monkeypatch):
-    """Each SGD step runs at base_lr * batch / 512 * cosine, each loss weighs L_clu by lambda's ramp."""
+    """Each SGD step runs at base_lr * batch / 512 * cosine (the centroids C at --centroid-lr times that),
+    each loss weighs L_clu by lambda's ramp."""
     folder, lrs, lams = make_folder(tmp_path / "d", n_per_class=8), [], []   # 2 steps an epoch
     real_step, real_loss = torch.optim.SGD.step, cueco.cueco_loss
 
@@ -1082,9 +1116,10 @@ def test_the_optimizer_steps_with_the_scheduled_lr_and_the_loss_with_the_ramped_
     monkeypatch.setattr(torch.optim.SGD, "step", step)
     monkeypatch.setattr(cueco, "cueco_loss", loss)
     train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "2", "--lr", "0.5", "--lambda-clu", "0.8",
-               "--clu-warmup", "1")
+               "--clu-warmup", "1", "--centroid-lr", "3")
     base = 0.5 * 8 / 512   # the optimizer is built with the unscaled 0.5: each step must set the rate
-    assert lrs == [[pytest.approx(base * 0.5 * (1 + math.cos(math.pi * i / 4)))] * 2 for i in range(4)]
+    cosine = [base * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert lrs == [[pytest.approx(lr), pytest.approx(3 * lr)] for lr in cosine]
     ramp = [cueco.clustering_weight(0.8, e, 2, 1.0) for e in (1, 2)]
     assert lams == [lam for lam in ramp for _ in "ab"] == pytest.approx([0.4, 0.4, 0.8, 0.8])
 
@@ -1093,7 +1128,7 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
     """--temperature, --clu-temperature, --sinkhorn-eps, --key-momentum and --weight-decay, none at its
     default, arrive in the losses, Sinkhorn, the momentum update and the optimizer (0 for C) at each step."""
     folder = make_folder(tmp_path / "d", n_per_class=8)
-    seen = {name: [] for name in ("T", "tau", "eps", "m", "decay", "C")}
+    seen = {name: [] for name in ("T", "tau", "eps", "m", "decay", "C", "heads")}
     real_con, real_clu, real_sink = cueco.contrastive_loss, cueco.clustering_loss, cueco.sinkhorn
     real_momentum, real_step = cueco.CueCo.momentum_update, torch.optim.SGD.step
 
@@ -1101,9 +1136,9 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
         seen["T"].append(T)
         return real_con(q, k, queue, T)
 
-    def clu(s_q, s_k, tau, eps):
-        seen["tau"].append(tau)
-        return real_clu(s_q, s_k, tau, eps)
+    def clu(s_q, s_k, tau, eps, heads=None):
+        seen["tau"].append(tau), seen["heads"].append(heads)
+        return real_clu(s_q, s_k, tau, eps, heads)
 
     def sink(scores, eps=0.05, iters=3):   # called by clustering_loss: eps must travel through it too
         seen["eps"].append(eps)
@@ -1124,10 +1159,10 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
         monkeypatch.setattr(obj, name, spy)
     train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "1", "--temperature", "0.2", "--clu-temperature",
                "0.3", "--sinkhorn-eps", "0.07", "--key-momentum", "0.9", "--weight-decay", "0.001")
-    # 2 steps: 2 contrastive and 2 clustering losses each, one Sinkhorn per clustering loss
-    assert seen["T"] == [0.2] * 4 and seen["tau"] == [0.3] * 4 and seen["eps"] == [0.07] * 4
-    assert seen["m"] == [0.9] * 2 and seen["decay"] == [[0.001, 0.0]] * 2
-    assert all(len(group) == 1 and group[0].shape == (4, 16) for group in seen["C"])   # [K_c, D]: C alone
+    # 2 steps: 2 contrastive and 2 clustering losses each, one Sinkhorn per head (K_c 4, K 2 classes) of each
+    assert seen["T"] == [0.2] * 4 and seen["tau"] == [0.3] * 4 and seen["eps"] == [0.07] * 8
+    assert seen["heads"] == [[4, 2]] * 4 and seen["m"] == [0.9] * 2 and seen["decay"] == [[0.001, 0.0]] * 2
+    assert all(len(group) == 1 and group[0].shape == (6, 16) for group in seen["C"])   # [K_c+K, D]: C alone
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
@@ -1197,7 +1232,8 @@ def test_a_nan_between_progress_lines_stops_the_run_at_the_default_log_every(tmp
         bad = float("nan") if len(calls) == 5 else 0.0   # in the value, not the gradient
         one = torch.tensor(1.0)
         keys = F.normalize(torch.randn(2 * len(x1), C.shape[1]), dim=1)
-        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((len(C),), 1 / len(C))
+        K_c = model.heads[0]   # shares: of the first head's centroids
+        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((K_c,), 1 / K_c)
 
     monkeypatch.setattr(cueco, "cueco_loss", loss)
     fails(argv, "NaN", capsys)
@@ -1281,12 +1317,6 @@ def test_the_largest_cluster_share_counts_view_1_queries_by_their_nearest_centro
         assert (s.argmax(1) == 0).all()
         shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0)[4]
     assert shares.tolist() == [1.0, 0, 0, 0, 0]
-
-
-def test_time_left_shows_days_past_24_hours():
-    assert cueco.hms(3725) == "01:02:05"
-    assert cueco.hms(27 * 86400 + 3725) == "27d 01:02:05"
-    assert cueco.hms(86399.7) == "1d 00:00:00"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1435,9 +1465,47 @@ def test_a_cluster_without_a_class_is_not_named_after_one(tmp_path, monkeypatch)
     for f in os.listdir(os.path.join(folder, "test", "c")):
         os.remove(os.path.join(folder, "test", "c", f))
     monkeypatch.setattr(cueco, "plot_clusters", lambda images, names, *a: shown.extend(names))
-    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0"))
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0", "--head-clusters", "0"))
     classes = [name.split(" ~ ")[1] for name in shown]
     assert sorted(classes) == ["", "a", "b"], shown
+
+
+def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_figures_show_them(tmp_path,
+                                                                                             monkeypatch):
+    """3 classes: C holds K_c + 3 centroids; head_nmi/ari/acc score argmax z.C_K of the test images, computed
+    here by hand from the checkpoint; the t-SNE's right panel and the gallery show those clusters, the
+    gallery by z; k-means on the backbone (nmi) and on z (z_nmi) stay as they were."""
+    folder, out, seen = make_folder(tmp_path / "d", n_per_class=8, classes=("a", "b", "c")), tmp_path / "r", {}
+    monkeypatch.setattr(cueco, "plot_tsne", lambda y, labels, clusters, classes, path, title, what:
+                        seen.update(tsne=(clusters, what)))
+    real_exemplars = cueco.cluster_exemplars
+    monkeypatch.setattr(cueco, "cluster_exemplars", lambda f, c: seen.update(gallery=(f, c)) or real_exemplars(f, c))
+    final = cueco.main(tiny_args(folder, out, "--epochs", "2", "--tsne-points", "24"))
+    args, ckpt = cueco.parse_args(tiny_args(folder, out)), cueco.load_checkpoint(str(out / "checkpoint.pt"))
+    model = cueco.CueCo(4, 16, 4, 64, True, 2, head_clusters=3)
+    model.load_state_dict(ckpt["model"])
+    data = cueco.load_folder(args)
+    with torch.no_grad():
+        f_test = cueco.features(model.encoder_q.backbone, data, torch.device("cpu"))[1]
+        z = F.normalize(model.encoder_q.projector(f_test), dim=1)
+        own = (z @ F.normalize(model.encoder_q.C[4:], dim=1).t()).argmax(1)
+    assert ckpt["model"]["encoder_q.C"].shape == (4 + 3, 16)
+    for k, v in cueco.cluster_metrics(own, data.test_y).items():
+        assert final["head_" + k] == pytest.approx(v)
+    assert final["nmi"] == pytest.approx(cueco.cluster_metrics(cueco.kmeans(f_test, 3), data.test_y)["nmi"])
+    assert final["z_nmi"] == pytest.approx(cueco.cluster_metrics(cueco.kmeans(z, 3), data.test_y)["nmi"])
+    assert torch.equal(seen["gallery"][1], own) and torch.allclose(seen["gallery"][0], z, atol=1e-5)
+    matched = cueco.match_clusters(own, data.test_y)[cueco.balanced_subset(data.test_y, 24, seed=0)]
+    assert torch.equal(seen["tsne"][0], matched) and "argmax z.C_K" in seen["tsne"][1]
+
+
+@pytest.mark.parametrize("extra", [["--lambda-clu", "0"], ["--head-clusters", "0"]])
+def test_moco_v2_and_head_clusters_0_have_no_second_head(tmp_path, extra):
+    """MoCo-v2 (lambda 0) would not train C_K: no head, C and every later draw as before the head existed."""
+    folder = make_folder(tmp_path / "d", n_per_class=8)
+    final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--tsne-points", "0", *extra))
+    C = cueco.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["model"]["encoder_q.C"]
+    assert C.shape == (4, 16) and not any(k.startswith("head_") for k in final) and "z_nmi" in final
 
 
 def test_epochs_zero_evaluates_the_untrained_network(tmp_path, monkeypatch):
@@ -1778,9 +1846,9 @@ def test_time_left_comes_from_the_epochs_own_rate_not_a_slow_start(tmp_path, mon
                          "--tsne-points", "0"))
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ") and " step " in l]
     assert len(lines) == 12
-    assert lines[0].endswith("| 00:18:20 left")                        # 11 steps at the 100 s seen so far
+    assert lines[0].endswith("| 0:18:20 left")                         # 11 steps at the 100 s seen so far
     for i, line in enumerate(lines[1:], start=2):   # step i of 12 done, at 1 s a step
-        assert line.endswith(f"32 px, 8 img/s | 00:00:{12 - i:02d} left"), line
+        assert line.endswith(f"32 px, 8 img/s | 0:00:{12 - i:02d} left"), line
 
 
 def test_out_of_memory_in_training_or_evaluation_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch,
