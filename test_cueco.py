@@ -1473,23 +1473,30 @@ def test_a_cluster_without_a_class_is_not_named_after_one(tmp_path, monkeypatch)
 def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_figures_show_them(tmp_path,
                                                                                              monkeypatch):
     """3 classes: C holds K_c + 3 centroids; head_nmi/ari/acc score argmax z.C_K of the test images, computed
-    here by hand from the checkpoint; the t-SNE's right panel and the gallery show those clusters, the
-    gallery by z; k-means on the backbone (nmi) and on z (z_nmi) stay as they were."""
+    here by hand; the t-SNE's right panel and the gallery show those clusters, the gallery by z; k-means on
+    the backbone (nmi) and on z (z_nmi) stay as they were. After training, C_K is set to the z of one test
+    image of each class, so that the own clusters differ from any other rows' (a tiny network's z are alike)."""
     folder, out, seen = make_folder(tmp_path / "d", n_per_class=8, classes=("a", "b", "c")), tmp_path / "r", {}
+    real_train, real_exemplars = cueco.train, cueco.cluster_exemplars
+
+    def train(args, model, encoder_q, optimizer, scaler, data, *rest):
+        feats = real_train(args, model, encoder_q, optimizer, scaler, data, *rest)
+        with torch.no_grad():
+            f_test = cueco.features(model.encoder_q.backbone, data, torch.device("cpu"))[1]
+            z = F.normalize(model.encoder_q.projector(f_test), dim=1)
+            model.encoder_q.C[4:] = z[[0, 8, 16]]
+        seen.update(model=model, data=data, f_test=f_test, z=z)
+        return feats
+
+    monkeypatch.setattr(cueco, "train", train)
     monkeypatch.setattr(cueco, "plot_tsne", lambda y, labels, clusters, classes, path, title, what:
                         seen.update(tsne=(clusters, what)))
-    real_exemplars = cueco.cluster_exemplars
     monkeypatch.setattr(cueco, "cluster_exemplars", lambda f, c: seen.update(gallery=(f, c)) or real_exemplars(f, c))
     final = cueco.main(tiny_args(folder, out, "--epochs", "2", "--tsne-points", "24"))
-    args, ckpt = cueco.parse_args(tiny_args(folder, out)), cueco.load_checkpoint(str(out / "checkpoint.pt"))
-    model = cueco.CueCo(4, 16, 4, 64, True, 2, head_clusters=3)
-    model.load_state_dict(ckpt["model"])
-    data = cueco.load_folder(args)
+    model, data, f_test, z = seen["model"], seen["data"], seen["f_test"], seen["z"]
     with torch.no_grad():
-        f_test = cueco.features(model.encoder_q.backbone, data, torch.device("cpu"))[1]
-        z = F.normalize(model.encoder_q.projector(f_test), dim=1)
         own = (z @ F.normalize(model.encoder_q.C[4:], dim=1).t()).argmax(1)
-    assert ckpt["model"]["encoder_q.C"].shape == (4 + 3, 16)
+    assert model.encoder_q.C.shape == (4 + 3, 16) and own[[0, 8, 16]].tolist() == [0, 1, 2]
     for k, v in cueco.cluster_metrics(own, data.test_y).items():
         assert final["head_" + k] == pytest.approx(v)
     assert final["nmi"] == pytest.approx(cueco.cluster_metrics(cueco.kmeans(f_test, 3), data.test_y)["nmi"])
