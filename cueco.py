@@ -366,14 +366,14 @@ def clustering_weight(lambda_clu: float, epoch: int, epochs: int, clu_warmup: fl
 
 def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float, centroid_lr=1.0) -> torch.optim.SGD:
     """SGD with momentum 0.9; no weight decay on the centroids, of which only the direction counts, and
-    centroid_lr times the learning rate (ours): C's gradient is scaled by lambda, small while it ramps."""
+    centroid_lr times the learning rate (ours): at 1x the centroids lagged the features (README.md)."""
     rest = [p for name, p in encoder_q.named_parameters() if name != "C"]
     return torch.optim.SGD([{"params": rest, "scale": 1.0},
                             {"params": [encoder_q.C], "weight_decay": 0.0, "scale": centroid_lr}],
                            lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, device, precision: str,
-          start_epoch: int, history: list) -> tuple:
+          start_epoch: int, history: list) -> tuple | None:
     """Epochs start_epoch+1 .. args.epochs, each ending with the kNN monitor (every --eval-every and the
     last), metrics.json and a checkpoint (every --save-minutes at most). Returns the last epoch's features
     (train, test) if it extracted them, for the final evaluation; history grows in place."""
