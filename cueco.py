@@ -13,18 +13,17 @@ holds its last K keys. For the query q of one view and the key k+ of the other v
       the number of classes, whose argmax over q.C_K is the model's own clustering of the test images
   L = L_con(q1, k2) + L_con(q2, k1) + lambda * (L_clu(q1, k2) + L_clu(q2, k1))
 
-Ours, not the paper's: all of L_clu (the centroids C live in the encoder, so the key network carries a
-slow copy; SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100 and the K head; tau
-0.1, eps 0.05; C learns at 10 times the rate), lambda = 1, raised in equal steps, one per epoch, to its full
-value at the end of the first half of training (lambda = 0 is MoCo-v2), and the gpu and laptop presets. The
+Ours, not the paper's: all of L_clu (C lives in the encoder, so the key network carries a slow copy;
+SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100 and the K head; tau 0.1, eps
+0.05; C at 10 times the lr; --clu-targets kmeans: PCL's ProtoNCE targets instead), lambda = 1, raised
+once an epoch to its full value at half-time (lambda = 0 is MoCo-v2), the gpu and laptop presets. The
 rest is the MoCo CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head.
 
-Sections: 1 configuration; the method as a training step runs it: 2 augmentation recipe, 3 backbone,
-4 query/key model and queue, 5 losses, 6 training; 7 how it is made fast; 8 evaluation, 9 clustering
-metrics and t-SNE, 10 figures, 11 data sets, 12 plumbing, 13 main. Results: README.md.
+Sections: 1 configuration; the method as a step runs it: 2 augmentation, 3 backbone, 4 query/key model, 5
+losses, 6 training; 7 speed; 8 evaluation, 9 clustering, t-SNE, 10 figures, 11 data, 12 plumbing, 13 main.
 
     python cueco.py --dataset cifar10                    # CUDA: 200 epochs (gpu); else the laptop preset
-    python cueco.py --dataset cifar10 --preset laptop    # about an hour on 2 CPU cores (README.md)
+    python cueco.py --dataset cifar10 --preset laptop    # about an hour on 2 CPU cores; results: README.md
     python cueco.py --dataset folder --data-dir /data/imagenet --class-list imagenet100.txt \
         --epochs 200 --batch-size 256 --lr 0.06 --weight-decay 1e-4 --temperature 0.2 \
         --queue-size 16384 --key-momentum 0.999 --eval-every 20 --memory-gb 24   # ImageNet-100
@@ -32,6 +31,7 @@ metrics and t-SNE, 10 figures, 11 data sets, 12 plumbing, 13 main. Results: READ
 import argparse
 import collections
 import datetime
+import functools
 import json
 import math
 import os
@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 # ======================================== 1. Configuration ========================================
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clu-temperature", type=float, default=0.1, help="tau of the clustering softmax (ours)")
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
     a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
+    a("--clu-targets", default="sinkhorn", choices=["sinkhorn", "kmeans"], help="L_clu's targets: the key's "
+      "Sinkhorn (ours) | ProtoNCE's (PCL): the image's cluster in k-means of an epoch's keys, C its centres")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -182,9 +184,8 @@ def norm_stats(size: int):
     return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def mocov2_transform(size: int) -> v2.Compose:
-    """MoCo-v2's random view of one image of this size, in torchvision: the specification of the
-    views. The script draws them with `augment` (section 7), a whole batch at once on the device; the
-    tests check the two against each other. Blur is the ImageNet recipe's alone."""
+    """MoCo-v2's random view of one image, in torchvision: the views' specification, which `augment` (section
+    7) draws a whole batch at a time on the device, as the tests check. Blur is ImageNet's alone."""
     mean, std = norm_stats(size)
     tfs = [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
            v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -198,9 +199,8 @@ def blur_kernel(size: int) -> int:
 
 # ========================== 3. Backbone: ResNet-18 with split batch norm ==========================
 class SplitBatchNorm(nn.BatchNorm2d):
-    """Batch norm over `num_splits` groups of the batch, as if each were on its own GPU (the MoCo CIFAR-10
-    notebook's trick): with the key batch shuffled, a query and its positive key are normalised with other
-    images' statistics, else the network finds the key through them (the "BN leak": ~4 points of MoCo)."""
+    """Batch norm over `num_splits` groups of a batch, as if each were on its own GPU (MoCo's CIFAR-10
+    notebook): with the keys shuffled, a query and its key meet other images' statistics (~4 points)."""
     def __init__(self, num_features: int, num_splits: int):
         super().__init__(num_features)
         self.num_splits = num_splits
@@ -253,9 +253,8 @@ class ResNet18(nn.Module):
 
 # ============ 4. The query/key model: encoder_q, its momentum copy encoder_k, the queue ============
 class Encoder(nn.Module):
-    """Backbone -> MLP head -> unit-length embedding z [N, D], and its cosines with the centroids C,
-    which live here (ours) so that the keys and the centroids that assign them come from one network.
-    C stacks the K_c centroids and, if any, the K of the second head, whose argmax is a clustering."""
+    """Backbone -> MLP head -> unit-length z [N, D], and its cosines with the centroids C, here (ours) so that
+    keys and the centroids that assign them share a network: the K_c and, if any, K of the second head."""
     def __init__(self, width: int, dim: int, num_clusters: int, cifar_stem: bool, bn_splits: int, K=0):
         super().__init__()
         self.backbone = ResNet18(width, cifar_stem, bn_splits)
@@ -271,7 +270,7 @@ class Encoder(nn.Module):
 
 class CueCo(nn.Module):
     def __init__(self, width=64, dim=128, num_clusters=100, queue_size=4096, cifar_stem=True,
-                 bn_splits=8, head_clusters=0):
+                 bn_splits=8, head_clusters=0, bank_size=0):
         super().__init__()
         self.heads = [num_clusters] + [head_clusters] * (head_clusters > 0)   # the K_c and K of C's rows
         self.encoder_q = Encoder(width, dim, num_clusters, cifar_stem, bn_splits, head_clusters)
@@ -280,6 +279,9 @@ class CueCo(nn.Module):
         self.encoder_k.requires_grad_(False)   # it learns only through the momentum update
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # ProtoNCE's arm: every training image's last key, clustered each epoch; C is then k-means' own
+        self.register_buffer("bank", torch.zeros(bank_size, dim))                          # [N, D]
+        self.encoder_q.C.requires_grad_(not bank_size)
     @torch.no_grad()
     def momentum_update(self, m: float):
         """theta_k <- m theta_k + (1 - m) theta_q, centroids included: with m near 1 the queue's keys, made
@@ -326,22 +328,23 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
         Q /= Q.sum(dim=0, keepdim=True) * N                            # each sample: 1/N
     return (Q * N).t()                                                 # Q: [N, K_c]
 
-def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float, heads=None):
+def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float, heads=None, targets=None):
     """Ours: L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, batch mean: the query predicts its key's
     balanced assignment. s_q, s_k: [N, K_c+K] cosines of query and key with C (gradient: to q and C);
-    heads: the sizes of C's blocks, [K_c, K]: the mean of the heads' L_clu, each with its own Sinkhorn."""
+    heads: the sizes of C's blocks, [K_c, K]: the mean of the heads' L_clu, each with its own Sinkhorn.
+    targets [N, heads]: each image's k-means cluster per head instead, Q one-hot (ProtoNCE, fixed tau)."""
     heads, loss = heads or [s_q.shape[1]], 0.0
-    for sq, sk in zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1)):   # [N, K_h] each
-        Q = sinkhorn(sk, eps)                                          # Q: [N, K_h]
+    for h, (sq, sk) in enumerate(zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1))):   # [N, K_h]
+        Q = sinkhorn(sk, eps) if targets is None else F.one_hot(targets[:, h], sq.shape[1]).float()
         log_p = F.log_softmax(sq.float() / tau, dim=1)                 # log_p: [N, K_h]
         loss = loss - (Q * log_p).sum(dim=1).mean()                    # a scalar
     return loss / len(heads)
 
 def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.Tensor, T: float,
-               tau: float, eps: float, lam: float, shuffle: bool = True):
+               tau: float, eps: float, lam: float, shuffle: bool = True, targets=None):
     """L = L_con(q1, k2) + L_con(q2, k1) + lam * (L_clu(q1, k2) + L_clu(q2, k1)) on two views
     [N, 3, S, S]; returns L, its two parts, the keys to enqueue [2N, D] and each centroid's share of
-    the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile)."""
+    the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile); targets: ProtoNCE's."""
     q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c]
     q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c]
     k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, K_c]
@@ -349,17 +352,16 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
     queue = model.queue                                                # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)   # scalar
-        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads)
-                 + clustering_loss(s2, sk1, tau, eps, model.heads))                             # scalar
+        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads, targets)
+                 + clustering_loss(s2, sk1, tau, eps, model.heads, targets))                    # scalar
     s1 = s1[:, :model.heads[0]]                                        # s1: [N, K_c], the first head
     shares = (s1 == s1.max(dim=1, keepdim=True).values).float().mean(0)   # shares: [K_c]
     return l_con + lam * l_clu, l_con.detach(), l_clu.detach(), torch.cat([k1, k2]), shares
 
 # ========================================== 6. Training ==========================================
 def clustering_weight(lambda_clu: float, epoch: int, epochs: int, clu_warmup: float) -> float:
-    """lambda in epoch `epoch` (from 1): lambda * epoch / (clu_warmup * epochs), at most lambda, raised
-    once an epoch (epoch 1 already has its first step) until the first `clu_warmup` of the epochs ends.
-    Ours: the clusters of early, noisy features are noise, and pulling queries to them fights L_con."""
+    """lambda in epoch `epoch` (from 1): lambda * min(1, epoch / (clu_warmup * epochs)). Ours: the clusters
+    of early, noisy features are noise, and pulling queries to them fights L_con."""
     if clu_warmup * epochs == 0:
         return lambda_clu
     return lambda_clu * min(1.0, epoch / (clu_warmup * epochs))
@@ -385,7 +387,12 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
     last_save, last = time.time(), None
     for epoch in range(start_epoch + 1, args.epochs + 1):
         model.train()
-        lam = clustering_weight(args.lambda_clu, epoch, args.epochs, args.clu_warmup)
+        proto, targets = args.clu_targets == "kmeans", None
+        if proto and epoch > 1:   # ProtoNCE: an image's target, per head, is the centre of C nearest its key
+            s_bank = model.bank @ model.encoder_q.C.detach().t()           # s_bank: [N, K_c+K]
+            targets = torch.stack([s.argmax(1) for s in s_bank.split(model.heads, dim=1)], dim=1)   # [N, 2]
+        lam = 0.0 if proto and targets is None else clustering_weight(   # ProtoNCE: none in epoch 1
+            args.lambda_clu, epoch, args.epochs, args.clu_warmup)
         # each epoch seeds its own random streams (key shuffles here, views in epoch_views), so a
         # resumed run draws exactly what the uninterrupted one would have
         torch.manual_seed(args.seed * 1009 + epoch)
@@ -393,15 +400,16 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         used = torch.zeros(args.num_clusters, dtype=torch.bool, device=device)   # C_c nearest to a query
         t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
         views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
-        for step, (x1, x2) in enumerate(views):
+        for step, (idx, x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
             lr = base_lr * 0.5 * (1 + math.cos(angle))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["scale"]
 
             with autocast(device, precision):
-                loss, l_con, l_clu, keys, shares = cueco_loss(model, encoder_q, x1, x2, args.temperature,
-                                                              args.clu_temperature, args.sinkhorn_eps, lam)
+                loss, l_con, l_clu, keys, shares = cueco_loss(
+                    model, encoder_q, x1, x2, args.temperature, args.clu_temperature, args.sinkhorn_eps, lam,
+                    targets=None if targets is None else targets[idx.to(device)])
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()   # fp16 only scales; else loss.backward(), optimizer.step()
@@ -409,6 +417,8 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             scaler.update()
             model.momentum_update(args.key_momentum)
             model.enqueue(keys)
+            if proto:   # the image's key: the mean of its two views'
+                model.bank[idx.to(device)] = F.normalize(keys[:len(idx)] + keys[len(idx):], dim=1)
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
             used |= shares > 0
@@ -429,7 +439,11 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
                       f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} | "
                       f"{size} px, {speed:.0f} img/s | {datetime.timedelta(seconds=round(left))} left")
 
-        # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
+        # the end of an epoch: ProtoNCE's new centres, the record, the kNN monitor, metrics.json, a checkpoint
+        if proto:   # C: per head, the centres of k-means (20 Lloyd steps, as PCL) of this epoch's keys
+            C = [F.normalize(F.one_hot(kmeans(model.bank, k, 20, args.seed + epoch), k).float().t()
+                             @ model.bank, dim=1) for k in model.heads]   # [K_h, D] each
+            model.encoder_q.C.copy_(torch.cat(C))   # encoder_k's C follows; this arm never reads it
         seconds = time.time() - t0
         avg = (sums / max(1, steps)).tolist()
         # do the centroids learn? the mean angle each has moved since the start (from the chord between
@@ -457,36 +471,33 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
     return last
 
 # ========================= 7. Making it fast: whole batches on the device =========================
-# DataLoader workers augmenting one image at a time on the CPU would limit CIFAR training on a GPU more
-# than the ResNet does. So the training set is decoded once into a uint8 tensor, on the device if it fits
-# (train_set_place), and `augment` draws both views of a whole batch on the device, from the distribution
-# of `mocov2_transform` (the tests compare the two). Nothing in a step makes the host wait for the GPU:
-# statistics stay on the device until a progress line, per-batch choices come from `random`, and a batch
-# from host memory is copied from page-locked memory without waiting (fp16 aside: its gradient scaler
-# reads one value a step to skip steps whose gradients overflowed).
+# Workers augmenting one image at a time on the CPU would limit CIFAR training on a GPU more than the
+# ResNet does. So the training set is decoded once into a uint8 tensor, on the device if it fits, and
+# `augment` draws both views of a whole batch there, from `mocov2_transform`'s distribution (tested).
+# Nothing in a step waits for the GPU (fp16's gradient scaler aside): statistics stay on the device until
+# a progress line, per-batch choices come from `random`, host batches copy from page-locked memory.
 def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int):
-    """Two views [B, 3, size, size] of each batch of an epoch, from the images data.train [N, 3, H, W]."""
+    """Each batch of an epoch: its indices [B] in data.train [N, 3, H, W], two views [B, 3, size, size]."""
     order = torch.Generator(device=data.train.device).manual_seed(seed + epoch)
     perm = torch.randperm(len(data.train), generator=order, device=data.train.device)   # perm: [N]
     s = seed * 100_003 + epoch * 1009
     g, rng = torch.Generator(device=device).manual_seed(s), random.Random(s)
     for i in range(len(perm) // batch_size):
-        x = batch_to(data.train, perm[i * batch_size:(i + 1) * batch_size], device)   # x: [B, 3, H, W]
-        yield augment(x, size, g, rng), augment(x, size, g, rng)
+        idx = perm[i * batch_size:(i + 1) * batch_size]                # idx: [B]
+        x = batch_to(data.train, idx, device)                          # x: [B, 3, H, W]
+        yield idx, augment(x, size, g, rng), augment(x, size, g, rng)
 
 def batch_to(images: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
     """images[idx] on `device`. From host memory to a GPU: gathered into page-locked memory, whose copy
-    runs without stopping the host; the gathering of the next batch then overlaps the GPU's step, and
-    PyTorch reuses the page-locked block once its copy is done."""
+    runs without stopping the host, so the gathering of the next batch overlaps the GPU's step."""
     if images.device.type != "cpu" or device.type != "cuda":
         return images[idx].to(device)
     x = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=True)   # [B, 3, H, W]
     return torch.index_select(images, 0, idx, out=x).to(device, non_blocking=True)
 
 def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.Random):
-    """One random view of every image of a batch, uint8 [B, 3, H, W] -> normalised float
-    [B, 3, size, size] on x's device: g draws the per-image parameters there, rng the per-batch ones
-    (the order of the jitter operations, the blur's width) on the host."""
+    """A random view of each image of a batch, uint8 [B, 3, H, W] -> float [B, 3, size, size] on x's device;
+    g draws the per-image parameters there, rng the per-batch ones (jitter order, blur width) on the host."""
     b, H, W = x.shape[0], x.shape[2], x.shape[3]
     def u(*shape):   # uniform random numbers on the device
         return torch.rand(*shape, device=x.device, generator=g)
@@ -711,9 +722,8 @@ def cluster_exemplars(f: torch.Tensor, clusters: torch.Tensor, n: int = 10) -> t
 
 @torch.no_grad()
 def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
-    """Exact t-SNE (van der Maaten & Hinton 2008), [N, F] -> [N, 2]: PCA init, exaggeration 12, gains.
-    The perplexity bisection runs in float64 on the host (Apple's MPS has none), the 750 steps of the
-    optimisation in float32 on x's device: a GPU's seconds, not a minute of Colab's two CPU cores."""
+    """Exact t-SNE (van der Maaten & Hinton 2008), [N, F] -> [N, 2]: PCA init, exaggeration 12, gains. The
+    perplexity search runs in float64 on the host (MPS has none), the 750 steps in float32 on x's device."""
     device, x = x.device, x.detach().cpu().double()
     x, n = x - x.mean(0), len(x)                                       # x: [N, F]
     d2 = torch.cdist(x, x) ** 2                                        # d2: [N, N]
@@ -800,8 +810,7 @@ Data = collections.namedtuple("Data", ["train", "train_y", "test", "test_y", "cl
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Sorted indices of n samples, drawn reproducibly: round-robin over the classes, each in a random
-    order, so class counts are within one of each other, except that a class with too few images for
-    its share gives all it has and the others fill its place."""
+    order, so class counts differ by one at most, unless a class too small for its share gives all it has."""
     if n <= 0 or n >= len(labels):
         return torch.arange(len(labels))
     g, rank_in_class = torch.Generator().manual_seed(seed), torch.empty(len(labels), dtype=torch.long)
@@ -816,21 +825,17 @@ def read_image(path: str):
     except Exception as e:
         raise CueCoError(f"cannot read image {path}: {str(e).splitlines()[0][:100]}") from None
 
-class Images(Dataset):
-    """Image files [(path, label)] -> transform(image), for DataLoader workers to decode in parallel."""
-    def __init__(self, samples: list, transform):
-        self.samples, self.transform = samples, transform
-    def __len__(self):
-        return len(self.samples)
-    def __getitem__(self, i):
-        return self.transform(read_image(self.samples[i][0]))
-
 def decode(samples: list, transform, size: int, workers: int) -> torch.Tensor:
-    """All the images as uint8 [N, 3, S, S], filled in place (ImageNet-100's 19 GB are not held twice)."""
+    """All the images [(path, label)] as uint8 [N, 3, S, S], decoded 256 at a time by DataLoader workers
+    and filled in place (ImageNet-100's 19 GB are not held twice)."""
     out = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
-    for i, x in enumerate(DataLoader(Images(samples, transform), 256, num_workers=workers)):
+    load = functools.partial(read_batch, transform)   # a module function: workers that spawn can pickle it
+    for i, x in enumerate(DataLoader(samples, 256, num_workers=workers, collate_fn=load)):
         out[256 * i:256 * i + len(x)] = x                              # x: [256, 3, S, S]
     return out
+
+def read_batch(transform, samples: list) -> torch.Tensor:
+    return torch.stack([transform(read_image(path)) for path, _ in samples])   # [B, 3, S, S]
 
 def scan(path: str, keep: list | None):
     """(path, label) pairs and class names of an ImageFolder layout; with `keep`, only those classes."""
@@ -913,9 +918,8 @@ def setup_device(name: str) -> torch.device:
     return device
 
 def train_set_place(nbytes: int, device, memory_gb: float) -> tuple:
-    """Where the training images live, and the words for it. On the device when they fit in
-    --memory-gb and, on a GPU, in half its free memory, the other half left to training (ImageNet-100
-    at width 64, batch 256: 6-8 GB); else in host memory, a batch at a time copied over (section 7)."""
+    """Where the training images live, and the words for it: on the device when they fit in --memory-gb
+    and half a GPU's free memory (ImageNet-100 training at width 64 takes 6-8 GB), else in host memory."""
     size, host = f"{nbytes / 2**30:.1f} GB", torch.device("cpu")
     if nbytes > memory_gb * 2**30:
         return host, f"in host memory ({size}, over --memory-gb {memory_gb:g})"
@@ -925,11 +929,9 @@ def train_set_place(nbytes: int, device, memory_gb: float) -> tuple:
     return device, f"on {device} ({size})"
 
 def pick_precision(device, precision: str = "auto") -> tuple:
-    """(precision, why). auto: bf16 where the hardware computes it natively (CUDA compute capability 8.0
-    and up; CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (T4, V100, where bf16
-    leaves cuDNN for slow fallbacks), else fp32: other CPUs (AVX-512 ones too) and MPS before macOS 14
-    emulate bf16, 15x slower than fp32 on this project's AVX2 machine (README.md); on MPS both fail
-    (PyTorch issues 142397, 154887). Batch norm statistics, embeddings, Sinkhorn, losses stay float32."""
+    """(precision, why). auto: bf16 where native (CUDA capability 8.0+; CPUs with AVX512-BF16 or AMX), fp16
+    and a gradient scaler on older GPUs (T4, V100: bf16 leaves cuDNN), else fp32: other CPUs emulate bf16,
+    15x slower here (README.md); on MPS both fail (PyTorch issues 142397, 154887)."""
     if device.type == "mps" and precision in ("bf16", "fp16"):
         raise CueCoError(f"--precision {precision} fails on MPS (the fp16 gradient scaler needs float64, and "
                          f"batch norm in eval mode under autocast aborts): use --precision fp32")
@@ -1001,7 +1003,8 @@ def run(argv=None) -> dict:
 
     K = len(data.classes) if args.head_clusters is None else args.head_clusters   # none in MoCo-v2:
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
-                  args.bn_splits, K if args.lambda_clu else 0).to(device)         # C_K would not learn
+                  args.bn_splits, K if args.lambda_clu else 0,                    # C_K would not learn
+                  len(data.train) if args.clu_targets == "kmeans" else 0).to(device)
     optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay, args.centroid_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     history, start_epoch = [], 0
@@ -1037,9 +1040,8 @@ def method_name(args) -> str:
 
 @torch.no_grad()
 def report(args, model, data, device, precision, history, feats=None) -> dict:
-    """The final metrics (kNN, linear probe, NMI/ARI/ACC of k-means on the backbone features, of k-means
-    on z (z_), of the model's own clusters (head_), CIFAR-20's with suffix 20), the figures and
-    metrics.json; feats: the last epoch's features, if it extracted them."""
+    """kNN, linear probe, NMI/ARI/ACC of k-means on the backbone (CIFAR-20's: suffix 20), on z (z_) and of
+    the own clusters (head_); the figures; metrics.json. feats: the last epoch's features, if any."""
     f_train, f_test = feats or features(model.encoder_q.backbone, data, device, precision)
     final = {"knn": knn_accuracy(f_train, data.train_y, f_test, data.test_y)}
     with torch.enable_grad():
@@ -1072,10 +1074,8 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     # what the network groups without labels: for each cluster (up to 20), the images nearest its centre
     rows = cluster_exemplars(z if own else f_test, clusters)[:20]      # rows: [<=20, 10]
     images = [[data.test[i] if i >= 0 else None for i in row] for row in rows.tolist()]   # uint8 [3, S, S]
-    names = []
-    for c, row in enumerate(rows.tolist()):   # "size ~ matched class"; none where no class is left for it
-        cls = int(matched[row[0]]) if row[0] >= 0 else -1
-        names.append(f"{int((clusters == c).sum())} ~ {data.classes[cls] if cls >= 0 else ''}")
+    cls = [int(matched[row[0]]) if row[0] >= 0 else -1 for row in rows.tolist()]   # -1: no class left
+    names = [f"{int((clusters == c).sum())} ~ {data.classes[k] if k >= 0 else ''}" for c, k in enumerate(cls)]
     plot_clusters(images, names, os.path.join(args.figures_dir, f"clusters_{name}.png"),
                   f"{title}\nthe test images nearest the centre of each {what} (row: size ~ matched class)")
     if history:

@@ -150,6 +150,18 @@ def test_two_heads_each_balance_their_own_clusters_and_their_losses_are_averaged
     assert not torch.allclose(got, cueco.clustering_loss(s_q, s_k, 0.1, 0.05), atol=1e-3)   # one head of 8
 
 
+def test_protonce_targets_make_each_head_a_cross_entropy_to_the_images_cluster():
+    """--clu-targets kmeans: each head's target is the image's k-means cluster, a class index, so L_clu
+    is PyTorch's cross-entropy per head, averaged; the keys' cosines no longer count."""
+    s_q, s_k = unit(12, 5, 4) @ unit(8, 5, 5).t(), unit(12, 5, 6) @ unit(8, 5, 7).t()   # [12, 8] each
+    targets = torch.stack([torch.arange(12) % 5, torch.arange(12).flip(0) % 3], dim=1)   # [12, 2]
+    expected = (F.cross_entropy(s_q[:, :5] / 0.1, targets[:, 0])
+                + F.cross_entropy(s_q[:, 5:] / 0.1, targets[:, 1])) / 2
+    got = cueco.clustering_loss(s_q, s_k, 0.1, 0.05, [5, 3], targets)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(got, cueco.clustering_loss(s_q, torch.zeros_like(s_k), 0.1, 0.05, [5, 3], targets))
+
+
 def test_the_model_stacks_the_second_heads_centroids_under_C_and_shares_count_the_first_head():
     model, (x1, x2) = tiny_model(num_clusters=5, head_clusters=3), fixed_views(8, 16)
     assert model.heads == [5, 3] and model.encoder_q.C.shape == (8, 8) and tiny_model().heads == [5]
@@ -383,7 +395,7 @@ def denorm(x):
 def step_views(images, n_batches=4):
     """The views that the training step sees: both views of every batch of one epoch."""
     data = cueco.Data(images, None, None, None, [], images.shape[-1])
-    views = [v for x1, x2 in cueco.epoch_views(data, 1, len(images) // n_batches, 0, torch.device("cpu"),
+    views = [v for _, x1, x2 in cueco.epoch_views(data, 1, len(images) // n_batches, 0, torch.device("cpu"),
                                                images.shape[-1]) for v in (x1, x2)]
     return torch.cat(views)                                                         # [2N, 3, S, S]
 
@@ -1074,15 +1086,15 @@ def test_a_run_records_its_preset_and_resume_restores_it_on_any_device(tmp_path,
 def test_smaller_views_reach_the_training_step(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "d", n_per_class=8)
     data = cueco.load_folder(cueco.parse_args(tiny_args(folder, tmp_path / "r")))
-    x1, x2 = next(cueco.epoch_views(data, 1, 8, 0, torch.device("cpu"), 24))
+    _, x1, x2 = next(cueco.epoch_views(data, 1, 8, 0, torch.device("cpu"), 24))
     assert x1.shape == x2.shape == (8, 3, 24, 24)
 
     sides, real = [], cueco.epoch_views   # and --view-scale reaches the training step: 32 px * 0.75
 
     def spy(*args, **kwargs):
-        for x1, x2 in real(*args, **kwargs):
+        for idx, x1, x2 in real(*args, **kwargs):
             sides.append(x1.shape[-1])
-            yield x1, x2
+            yield idx, x1, x2
 
     monkeypatch.setattr(cueco, "epoch_views", spy)
     cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--view-scale", "0.75", "--tsne-points", "0"))
@@ -1109,9 +1121,9 @@ def test_the_optimizer_steps_with_the_scheduled_lr_and_the_loss_with_the_ramped_
         lrs.append([group["lr"] for group in self.param_groups])
         return real_step(self, *a, **kw)
 
-    def loss(model, encoder_q, x1, x2, T, tau, eps, lam, shuffle=True):
+    def loss(model, encoder_q, x1, x2, T, tau, eps, lam, **kw):
         lams.append(lam)
-        return real_loss(model, encoder_q, x1, x2, T, tau, eps, lam, shuffle)
+        return real_loss(model, encoder_q, x1, x2, T, tau, eps, lam, **kw)
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
     monkeypatch.setattr(cueco, "cueco_loss", loss)
@@ -1136,9 +1148,9 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
         seen["T"].append(T)
         return real_con(q, k, queue, T)
 
-    def clu(s_q, s_k, tau, eps, heads=None):
+    def clu(s_q, s_k, tau, eps, heads=None, targets=None):
         seen["tau"].append(tau), seen["heads"].append(heads)
-        return real_clu(s_q, s_k, tau, eps, heads)
+        return real_clu(s_q, s_k, tau, eps, heads, targets)
 
     def sink(scores, eps=0.05, iters=3):   # called by clustering_loss: eps must travel through it too
         seen["eps"].append(eps)
@@ -1278,7 +1290,7 @@ def test_knn_defaults_are_200_neighbours_at_temperature_0_1_in_the_monitor_and_t
 
 
 def test_each_epoch_draws_its_batches_from_a_new_permutation(monkeypatch):
-    """epoch_views gives both views the same images, each at most once an epoch, in a shuffled order
+    """epoch_views gives both views the same images, and their indices, each at most once an epoch, in a shuffled order
     that differs from one epoch to the next (and from the identity)."""
     data = cueco.Data(torch.arange(42, dtype=torch.uint8).view(42, 1, 1, 1).expand(42, 3, 4, 4), None, None,
                       None, None, 4)   # each pixel holds its image's index
@@ -1287,9 +1299,10 @@ def test_each_epoch_draws_its_batches_from_a_new_permutation(monkeypatch):
     orders = []
     for epoch in (1, 2):
         seen.clear()
-        batches = [(x1[:, 0, 0, 0].tolist(), x2[:, 0, 0, 0].tolist())
-                   for x1, x2 in cueco.epoch_views(data, epoch, 8, 0, torch.device("cpu"), 4)]
-        assert len(batches) == 5 and all(a == b for a, b in batches)   # 42 // 8 batches, one batch per pair
+        batches = [(x1[:, 0, 0, 0].tolist(), x2[:, 0, 0, 0].tolist(), idx.tolist())
+                   for idx, x1, x2 in cueco.epoch_views(data, epoch, 8, 0, torch.device("cpu"), 4)]
+        assert len(batches) == 5 and all(a == b == i for a, b, i in batches)   # 42 // 8 batches; the indices
+        batches = [(a, b) for a, b, _ in batches]
         assert seen == [a for a, _ in batches for _ in "12"]           # augment got those images, twice
         order = [i for a, _ in batches for i in a]
         assert len(set(order)) == 40 and set(order) <= set(range(42))
@@ -1349,7 +1362,8 @@ def test_learning_rate_and_clustering_weight_follow_their_schedules(tmp_path):
     assert [e["lambda_clu"] for e in epochs] == [0.5, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("extra", [[], ["--precision", "fp16"]], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("extra", [[], ["--precision", "fp16"], ["--clu-targets", "kmeans"]],
+                         ids=["fp32", "fp16", "kmeans"])   # kmeans: the bank and C come back
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, extra):
     """Stopped after epoch 1 of 3 and resumed, a run ends with exactly the weights, queue and metrics of the
     run that was never stopped (same schedules, same views, same key shuffles), fp16's adaptive loss
@@ -1504,6 +1518,45 @@ def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_fig
     assert torch.equal(seen["gallery"][1], own) and torch.allclose(seen["gallery"][0], z, atol=1e-5)
     matched = cueco.match_clusters(own, data.test_y)[cueco.balanced_subset(data.test_y, 24, seed=0)]
     assert torch.equal(seen["tsne"][0], matched) and "argmax z.C_K" in seen["tsne"][1]
+
+
+def test_the_kmeans_arm_targets_each_images_cluster_among_the_last_epochs_keys(tmp_path, monkeypatch):
+    """--clu-targets kmeans (ProtoNCE): no clustering term in epoch 1; the bank holds each image's last
+    key, the unit mean of its two views' keys; an epoch ends with C, per head, the unit centres of
+    k-means (20 steps, seed + epoch) of the bank; the next epoch's target of an image is, per head,
+    the centre nearest its banked key. C takes no gradient: it stays put within an epoch."""
+    folder = make_folder(tmp_path / "d", n_per_class=8, size=16)   # 16 images: 2 batches of 8 an epoch
+    calls, batch, real_loss, real_views = [], {}, cueco.cueco_loss, cueco.epoch_views
+
+    def views(data, epoch, *rest):
+        for idx, x1, x2 in real_views(data, epoch, *rest):
+            batch.update(idx=idx, epoch=epoch)
+            yield idx, x1, x2
+
+    def loss(model, *args, targets=None, **kw):
+        out = real_loss(model, *args, targets=targets, **kw)
+        calls.append(dict(batch, lam=args[-1], targets=targets, bank=model.bank.clone(), keys=out[3],
+                          C=model.encoder_q.C.detach().clone(), grad=model.encoder_q.C.requires_grad))
+        return out
+
+    monkeypatch.setattr(cueco, "epoch_views", views)
+    monkeypatch.setattr(cueco, "cueco_loss", loss)
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "2", "--tsne-points", "0", "--clu-warmup", "0",
+                         "--clu-targets", "kmeans", "--seed", "3"))
+    assert [c["epoch"] for c in calls] == [1, 1, 2, 2] and not any(c["grad"] for c in calls)
+    assert [c["lam"] for c in calls] == [0.0, 0.0, 1.0, 1.0] and calls[1]["targets"] is None
+    for before, after in zip(calls, calls[1:]):   # each step banks its images' keys
+        k = before["keys"]
+        assert torch.allclose(after["bank"][before["idx"]], F.normalize(k[:8] + k[8:], dim=1), atol=1e-6)
+    bank, C = calls[2]["bank"], calls[2]["C"]   # all 16 images' keys of epoch 1, and C for epoch 2
+    centres = []
+    for k in (4, 2):   # K_c = 4 and K = 2 classes
+        labels = cueco.kmeans(bank, k, 20, seed=3 + 1)
+        centres.append(F.normalize(torch.stack([bank[labels == c].sum(0) for c in range(k)]), dim=1))
+    assert torch.allclose(C, torch.cat(centres), atol=1e-5) and torch.equal(C, calls[3]["C"])
+    for c in calls[2:]:
+        s = bank[c["idx"]] @ C.t()                                     # [8, 6]
+        assert torch.equal(c["targets"], torch.stack([s[:, :4].argmax(1), s[:, 4:].argmax(1)], dim=1))
 
 
 @pytest.mark.parametrize("extra", [["--lambda-clu", "0"], ["--head-clusters", "0"]])
@@ -1803,7 +1856,7 @@ def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
         data = cueco.Data(torch.empty(16, 3, 32, 32, dtype=torch.uint8, device=device), None, None, None,
                           None, 32)
         with NoHostSync() as mode:   # the views of a step, drawn as the training loop draws them
-            x1, x2 = next(cueco.epoch_views(data, 1, 8, 0, device, 32))
+            _, x1, x2 = next(cueco.epoch_views(data, 1, 8, 0, device, 32))
             with cueco.autocast(device, precision):
                 loss, l_con, l_clu, keys, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1,
                                                                     0.05, 1.0)
@@ -1812,7 +1865,7 @@ def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
             model.enqueue(keys)
         host = data._replace(train=torch.empty(16, 3, 32, 32, dtype=torch.uint8))   # over --memory-gb
         with NoHostSync() as host_mode:   # copied over from page-locked memory, augmented there
-            x_host = [x1 for x1, _ in cueco.epoch_views(host, 1, 8, 0, device, 24)]
+            x_host = [x1 for _, x1, _ in cueco.epoch_views(host, 1, 8, 0, device, 24)]
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert len(layers) == 5 * 40 and set(layers) == {(low, "cuda", True)}   # 5 passes x 20 conv + 20 BN
     assert x1.shape == (8, 3, 32, 32) and x1.device.type == "cuda" and x1.dtype == torch.float32
