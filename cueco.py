@@ -15,7 +15,7 @@ holds its last K keys. For the query q of one view and the key k+ of the other v
 
 Ours, not the paper's: all of L_clu (C lives in the encoder, so the key network carries a slow copy;
 SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100 and the K head; tau 0.1, eps
-0.05; C at 10 times the lr; --clu-targets kmeans: PCL's ProtoNCE targets instead), lambda = 1, raised
+0.05; C at 10 times the lr; --clu-targets groups: CLD's batch groups instead), lambda = 1, raised
 once an epoch to its full value at half-time (lambda = 0 is MoCo-v2), the gpu and laptop presets. The
 rest is the MoCo CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head.
 
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clu-temperature", type=float, default=0.1, help="tau of the clustering softmax (ours)")
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
     a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
-    a("--clu-targets", default="sinkhorn", choices=["sinkhorn", "kmeans"], help="L_clu's targets: the key's "
-      "Sinkhorn (ours) | ProtoNCE's (PCL): the image's cluster in k-means of an epoch's keys, C its centres")
+    a("--clu-targets", default="sinkhorn", choices=["sinkhorn", "groups"], help="L_clu's targets: "
+      "the key's Sinkhorn (ours) | CLD's: the image's group in k-means of the other view's batch, no C")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -234,10 +234,7 @@ class ResNet18(nn.Module):
     """ResNet-18 -> [N, 8 * width]; the CIFAR stem (3x3 conv, no max-pool) keeps 32-px images whole."""
     def __init__(self, width: int = 64, cifar_stem: bool = True, bn_splits: int = 1):
         super().__init__()
-
-        def bn(channels):   # plain batch norm where bn_splits is 1
-            return SplitBatchNorm(channels, bn_splits)
-
+        bn = functools.partial(SplitBatchNorm, num_splits=bn_splits)   # plain batch norm if bn_splits is 1
         if cifar_stem:
             self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), bn(width), nn.ReLU())
         else:
@@ -270,7 +267,7 @@ class Encoder(nn.Module):
 
 class CueCo(nn.Module):
     def __init__(self, width=64, dim=128, num_clusters=100, queue_size=4096, cifar_stem=True,
-                 bn_splits=8, head_clusters=0, bank_size=0):
+                 bn_splits=8, head_clusters=0):
         super().__init__()
         self.heads = [num_clusters] + [head_clusters] * (head_clusters > 0)   # the K_c and K of C's rows
         self.encoder_q = Encoder(width, dim, num_clusters, cifar_stem, bn_splits, head_clusters)
@@ -279,9 +276,6 @@ class CueCo(nn.Module):
         self.encoder_k.requires_grad_(False)   # it learns only through the momentum update
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        # ProtoNCE's arm: every training image's last key, clustered each epoch; C is then k-means' own
-        self.register_buffer("bank", torch.zeros(bank_size, dim))                          # [N, D]
-        self.encoder_q.C.requires_grad_(not bank_size)
     @torch.no_grad()
     def momentum_update(self, m: float):
         """theta_k <- m theta_k + (1 - m) theta_q, centroids included: with m near 1 the queue's keys, made
@@ -332,7 +326,7 @@ def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float
     """Ours: L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, batch mean: the query predicts its key's
     balanced assignment. s_q, s_k: [N, K_c+K] cosines of query and key with C (gradient: to q and C);
     heads: the sizes of C's blocks, [K_c, K]: the mean of the heads' L_clu, each with its own Sinkhorn.
-    targets [N, heads]: each image's k-means cluster per head instead, Q one-hot (ProtoNCE, fixed tau)."""
+    targets [N, heads]: each image's group per head instead (CLD), Q one-hot."""
     heads, loss = heads or [s_q.shape[1]], 0.0
     for h, (sq, sk) in enumerate(zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1))):   # [N, K_h]
         Q = sinkhorn(sk, eps) if targets is None else F.one_hot(targets[:, h], sq.shape[1]).float()
@@ -340,20 +334,38 @@ def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float
         loss = loss - (Q * log_p).sum(dim=1).mean()                    # a scalar
     return loss / len(heads)
 
+def batch_groups(q: torch.Tensor, z: torch.Tensor, heads: list, iters: int = 5):
+    """CLD's targets (Wang et al., CVPR 2021; ours: on z, per head, spherical): k-means of the other
+    view's batch z [N, D] into K_h groups, 5 Lloyd steps from its first K_h (the batch is in random order).
+    Returns q's cosines with the groups' unit means [N, K_c+K] (gradient: to q and, as CLD's, z) and
+    each image's group [N, heads]."""
+    s, groups = [], []
+    for K in heads:
+        M = z.detach()[:K]                                             # M: [K_h, D]
+        for _ in range(iters):
+            g = (z.detach() @ M.t()).argmax(dim=1)                     # g: [N]
+            M = F.normalize(F.one_hot(g, K).to(z.dtype).t() @ z.detach(), dim=1)   # empty: 0
+        s.append(q @ F.normalize(F.one_hot(g, K).to(z.dtype).t() @ z, dim=1).t())   # [N, K_h]
+        groups.append(g)
+    return torch.cat(s, dim=1), torch.stack(groups, dim=1)             # [N, K_c+K], [N, heads]
+
 def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.Tensor, T: float,
-               tau: float, eps: float, lam: float, shuffle: bool = True, targets=None):
+               tau: float, eps: float, lam: float, shuffle: bool = True, groups=False):
     """L = L_con(q1, k2) + L_con(q2, k1) + lam * (L_clu(q1, k2) + L_clu(q2, k1)) on two views
     [N, 3, S, S]; returns L, its two parts, the keys to enqueue [2N, D] and each centroid's share of
-    the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile); targets: ProtoNCE's."""
+    the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile); groups: CLD's
+    targets, each query predicting its image's group among the other view's queries (batch_groups)."""
     q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c]
     q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c]
     k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, K_c]
     k2, sk2 = model.keys(x2, shuffle)                                  # k2, sk2 alike; no gradient
-    queue = model.queue                                                # queue: [K, D]
+    queue, t1, t2 = model.queue, None, None                            # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
+        if groups:   # s1: q1's cosines with view 2's groups, t2: each image's group there
+            (s1, t2), (s2, t1) = batch_groups(q1, q2, model.heads), batch_groups(q2, q1, model.heads)
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)   # scalar
-        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads, targets)
-                 + clustering_loss(s2, sk1, tau, eps, model.heads, targets))                    # scalar
+        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads, t2)
+                 + clustering_loss(s2, sk1, tau, eps, model.heads, t1))                         # scalar
     s1 = s1[:, :model.heads[0]]                                        # s1: [N, K_c], the first head
     shares = (s1 == s1.max(dim=1, keepdim=True).values).float().mean(0)   # shares: [K_c]
     return l_con + lam * l_clu, l_con.detach(), l_clu.detach(), torch.cat([k1, k2]), shares
@@ -387,12 +399,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
     last_save, last = time.time(), None
     for epoch in range(start_epoch + 1, args.epochs + 1):
         model.train()
-        proto, targets = args.clu_targets == "kmeans", None
-        if proto and epoch > 1:   # ProtoNCE: an image's target, per head, is the centre of C nearest its key
-            s_bank = model.bank @ model.encoder_q.C.detach().t()           # s_bank: [N, K_c+K]
-            targets = torch.stack([s.argmax(1) for s in s_bank.split(model.heads, dim=1)], dim=1)   # [N, 2]
-        lam = 0.0 if proto and targets is None else clustering_weight(   # ProtoNCE: none in epoch 1
-            args.lambda_clu, epoch, args.epochs, args.clu_warmup)
+        lam = clustering_weight(args.lambda_clu, epoch, args.epochs, args.clu_warmup)
         # each epoch seeds its own random streams (key shuffles here, views in epoch_views), so a
         # resumed run draws exactly what the uninterrupted one would have
         torch.manual_seed(args.seed * 1009 + epoch)
@@ -400,7 +407,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         used = torch.zeros(args.num_clusters, dtype=torch.bool, device=device)   # C_c nearest to a query
         t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
         views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
-        for step, (idx, x1, x2) in enumerate(views):
+        for step, (x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
             lr = base_lr * 0.5 * (1 + math.cos(angle))
             for group in optimizer.param_groups:
@@ -409,7 +416,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             with autocast(device, precision):
                 loss, l_con, l_clu, keys, shares = cueco_loss(
                     model, encoder_q, x1, x2, args.temperature, args.clu_temperature, args.sinkhorn_eps, lam,
-                    targets=None if targets is None else targets[idx.to(device)])
+                    groups=args.clu_targets == "groups")
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()   # fp16 only scales; else loss.backward(), optimizer.step()
@@ -417,8 +424,6 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             scaler.update()
             model.momentum_update(args.key_momentum)
             model.enqueue(keys)
-            if proto:   # the image's key: the mean of its two views'
-                model.bank[idx.to(device)] = F.normalize(keys[:len(idx)] + keys[len(idx):], dim=1)
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
             used |= shares > 0
@@ -439,11 +444,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
                       f"(con {avg[1]:.3f} clu {avg[2]:.3f}) max-cluster {avg[3]:.2f} lr {lr:.4f} | "
                       f"{size} px, {speed:.0f} img/s | {datetime.timedelta(seconds=round(left))} left")
 
-        # the end of an epoch: ProtoNCE's new centres, the record, the kNN monitor, metrics.json, a checkpoint
-        if proto:   # C: per head, the centres of k-means (20 Lloyd steps, as PCL) of this epoch's keys
-            C = [F.normalize(F.one_hot(kmeans(model.bank, k, 20, args.seed + epoch), k).float().t()
-                             @ model.bank, dim=1) for k in model.heads]   # [K_h, D] each
-            model.encoder_q.C.copy_(torch.cat(C))   # encoder_k's C follows; this arm never reads it
+        # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
         seconds = time.time() - t0
         avg = (sums / max(1, steps)).tolist()
         # do the centroids learn? the mean angle each has moved since the start (from the chord between
@@ -477,15 +478,14 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
 # Nothing in a step waits for the GPU (fp16's gradient scaler aside): statistics stay on the device until
 # a progress line, per-batch choices come from `random`, host batches copy from page-locked memory.
 def epoch_views(data, epoch: int, batch_size: int, seed: int, device, size: int):
-    """Each batch of an epoch: its indices [B] in data.train [N, 3, H, W], two views [B, 3, size, size]."""
+    """Two views [B, 3, size, size] of each batch of an epoch, from the images data.train [N, 3, H, W]."""
     order = torch.Generator(device=data.train.device).manual_seed(seed + epoch)
     perm = torch.randperm(len(data.train), generator=order, device=data.train.device)   # perm: [N]
     s = seed * 100_003 + epoch * 1009
     g, rng = torch.Generator(device=device).manual_seed(s), random.Random(s)
     for i in range(len(perm) // batch_size):
-        idx = perm[i * batch_size:(i + 1) * batch_size]                # idx: [B]
-        x = batch_to(data.train, idx, device)                          # x: [B, 3, H, W]
-        yield idx, augment(x, size, g, rng), augment(x, size, g, rng)
+        x = batch_to(data.train, perm[i * batch_size:(i + 1) * batch_size], device)   # x: [B, 3, H, W]
+        yield augment(x, size, g, rng), augment(x, size, g, rng)
 
 def batch_to(images: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
     """images[idx] on `device`. From host memory to a GPU: gathered into page-locked memory, whose copy
@@ -1003,8 +1003,7 @@ def run(argv=None) -> dict:
 
     K = len(data.classes) if args.head_clusters is None else args.head_clusters   # none in MoCo-v2:
     model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
-                  args.bn_splits, K if args.lambda_clu else 0,                    # C_K would not learn
-                  len(data.train) if args.clu_targets == "kmeans" else 0).to(device)
+                  args.bn_splits, K if args.lambda_clu else 0).to(device)   # C_K would not learn
     optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay, args.centroid_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     history, start_epoch = [], 0
@@ -1055,7 +1054,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
     final.update({"z_" + k: v for k, v in cluster_metrics(kmeans(z, len(data.classes), seed=args.seed),
                                                           data.test_y).items()})
-    own = len(model.heads) > 1   # the model's own clusters: each image to its nearest centroid of C_K
+    own = len(model.heads) > 1 and args.clu_targets != "groups"   # each image to its nearest C_K
     if own:
         C_K = F.normalize(model.encoder_q.C[model.heads[0]:].float(), dim=1)   # C_K: [K, D]
         clusters = (z @ C_K.t()).argmax(dim=1)                         # clusters: [N_test]
