@@ -1054,7 +1054,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
     final.update({"z_" + k: v for k, v in cluster_metrics(kmeans(z, len(data.classes), seed=args.seed),
                                                           data.test_y).items()})
-    own = len(model.heads) > 1 and args.clu_targets != "groups"   # each image to its nearest C_K
+    own = len(model.heads) > 1 and args.clu_targets != "groups"   # own clusters: nearest C_K (CLD: none)
     if own:
         C_K = F.normalize(model.encoder_q.C[model.heads[0]:].float(), dim=1)   # C_K: [K, D]
         clusters = (z @ C_K.t()).argmax(dim=1)                         # clusters: [N_test]
