@@ -15,7 +15,7 @@ holds its last K keys. For the query q of one view and the key k+ of the other v
 
 Ours, not the paper's: all of L_clu (C lives in the encoder, so the key network carries a slow copy;
 SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100 and the K head; tau 0.1, eps
-0.05; C at 10 times the lr; --clu-targets groups: CLD's batch groups instead), lambda = 1, raised
+0.05; C at 10 times the lr; --clu-targets groups: CLD's batch groups for K_c's C), lambda = 1, raised
 once an epoch to its full value at half-time (lambda = 0 is MoCo-v2), the gpu and laptop presets. The
 rest is the MoCo CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head.
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
     a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
     a("--clu-targets", default="sinkhorn", choices=["sinkhorn", "groups"], help="L_clu's targets: "
-      "the key's Sinkhorn (ours) | CLD's: the image's group in k-means of the other view's batch, no C")
+      "the key's Sinkhorn (ours) | CLD's for K_c: the image's group in k-means of the other view's batch")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -326,28 +326,23 @@ def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float
     """Ours: L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, batch mean: the query predicts its key's
     balanced assignment. s_q, s_k: [N, K_c+K] cosines of query and key with C (gradient: to q and C);
     heads: the sizes of C's blocks, [K_c, K]: the mean of the heads' L_clu, each with its own Sinkhorn.
-    targets [N, heads]: each image's group per head instead (CLD), Q one-hot."""
+    targets [N]: each image's group for the first head instead (CLD), Q one-hot."""
     heads, loss = heads or [s_q.shape[1]], 0.0
     for h, (sq, sk) in enumerate(zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1))):   # [N, K_h]
-        Q = sinkhorn(sk, eps) if targets is None else F.one_hot(targets[:, h], sq.shape[1]).float()
+        Q = sinkhorn(sk, eps) if targets is None or h else F.one_hot(targets, sq.shape[1]).float()
         log_p = F.log_softmax(sq.float() / tau, dim=1)                 # log_p: [N, K_h]
         loss = loss - (Q * log_p).sum(dim=1).mean()                    # a scalar
     return loss / len(heads)
 
-def batch_groups(q: torch.Tensor, z: torch.Tensor, heads: list, iters: int = 5):
-    """CLD's targets (Wang et al., CVPR 2021; ours: on z, per head, spherical): k-means of the other
-    view's batch z [N, D] into K_h groups, 5 Lloyd steps from its first K_h (the batch is in random order).
-    Returns q's cosines with the groups' unit means [N, K_c+K] (gradient: to q and, as CLD's, z) and
-    each image's group [N, heads]."""
-    s, groups = [], []
-    for K in heads:
-        M = z.detach()[:K]                                             # M: [K_h, D]
-        for _ in range(iters):
-            g = (z.detach() @ M.t()).argmax(dim=1)                     # g: [N]
-            M = F.normalize(F.one_hot(g, K).to(z.dtype).t() @ z.detach(), dim=1)   # empty: 0
-        s.append(q @ F.normalize(F.one_hot(g, K).to(z.dtype).t() @ z, dim=1).t())   # [N, K_h]
-        groups.append(g)
-    return torch.cat(s, dim=1), torch.stack(groups, dim=1)             # [N, K_c+K], [N, heads]
+def batch_groups(q: torch.Tensor, z: torch.Tensor, K_c: int, iters: int = 5):
+    """CLD's targets (Wang et al., CVPR 2021; ours: on z, spherical): k-means of the other view's batch
+    z [N, D] into K_c groups, 5 Lloyd steps from its first K_c (the batch is in random order). Returns q's
+    cosines with the groups' unit means [N, K_c] (gradient: to q and, as CLD's, z), each image's group [N]."""
+    M = z.detach()[:K_c]                                               # M: [K_c, D]
+    for _ in range(iters):
+        g = (z.detach() @ M.t()).argmax(dim=1)                         # g: [N]
+        M = F.normalize(F.one_hot(g, K_c).to(z.dtype).t() @ z.detach(), dim=1)   # M: [K_c, D]; empty: 0
+    return q @ F.normalize(F.one_hot(g, K_c).to(z.dtype).t() @ z, dim=1).t(), g   # [N, K_c], [N]
 
 def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.Tensor, T: float,
                tau: float, eps: float, lam: float, shuffle: bool = True, groups=False):
@@ -361,8 +356,10 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
     k2, sk2 = model.keys(x2, shuffle)                                  # k2, sk2 alike; no gradient
     queue, t1, t2 = model.queue, None, None                            # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
-        if groups:   # s1: q1's cosines with view 2's groups, t2: each image's group there
-            (s1, t2), (s2, t1) = batch_groups(q1, q2, model.heads), batch_groups(q2, q1, model.heads)
+        if groups:   # view 2's groups replace C's first K_c for q1 (t2: each image's group); C_K stays
+            K_c = model.heads[0]
+            (g1, t2), (g2, t1) = batch_groups(q1, q2, K_c), batch_groups(q2, q1, K_c)
+            s1, s2 = torch.cat([g1, s1[:, K_c:]], dim=1), torch.cat([g2, s2[:, K_c:]], dim=1)   # [N, K_c+K]
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)   # scalar
         l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads, t2)
                  + clustering_loss(s2, sk1, tau, eps, model.heads, t1))                         # scalar
@@ -1054,7 +1051,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
     final.update({"z_" + k: v for k, v in cluster_metrics(kmeans(z, len(data.classes), seed=args.seed),
                                                           data.test_y).items()})
-    own = len(model.heads) > 1 and args.clu_targets != "groups"   # own clusters: nearest C_K (CLD: none)
+    own = len(model.heads) > 1   # the model's own clusters: each image's nearest centroid of C_K
     if own:
         C_K = F.normalize(model.encoder_q.C[model.heads[0]:].float(), dim=1)   # C_K: [K, D]
         clusters = (z @ C_K.t()).argmax(dim=1)                         # clusters: [N_test]
