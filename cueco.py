@@ -7,16 +7,18 @@ holds its last K keys. For the query q of one view and the key k+ of the other v
 
   contrastive loss, separates instances (InfoNCE, as in MoCo):
       L_con = -log( exp(q.k+ / T) / (exp(q.k+ / T) + sum_{j=1..K} exp(q.queue_j / T)) )
-  clustering loss, pulls each cluster together (OURS: the paper publishes no formula):
-      Q(k) = Sinkhorn(k.C / eps)    soft assignment of keys to K_c centroids C, equal sizes per batch
-      L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, the mean of two heads: K_c centroids, and K,
-      the number of classes, whose argmax over q.C_K is the model's own clustering of the test images
+  clustering loss, pulls each cluster together (OURS: the paper publishes no formula), two heads:
+      K_c groups: g = the image's group in k-means of the other view's batch of queries, M the groups'
+          unit means;  L_grp = -log softmax(q.M / tau)_g                                  (CLD's)
+      K centroids C_K, K the number of classes: Q(k) = Sinkhorn(k.C_K / eps), each centroid 1/K of
+          the batch;  L_K = -sum_c Q(k+)_c log softmax(q.C_K / tau)_c;  argmax q.C_K clusters images
+      L_clu = (L_grp + L_K) / 2
   L = L_con(q1, k2) + L_con(q2, k1) + lambda * (L_clu(q1, k2) + L_clu(q2, k1))
 
-Ours, not the paper's: all of L_clu (C lives in the encoder, so the key network carries a slow copy;
-SwAV's Sinkhorn equipartition, not CoKe's minimal cluster size; K_c = 100 and the K head; tau 0.1, eps
-0.05; C at 10 times the lr; --clu-targets groups: CLD's batch groups for K_c's C), lambda = 1, raised
-once an epoch to its full value at half-time (lambda = 0 is MoCo-v2), the gpu and laptop presets. The
+Ours, not the paper's: all of L_clu (CLD's batch groups, Wang et al. 2021, on z; C_K in the encoder, so
+the key network carries a slow copy; SwAV's Sinkhorn, not CoKe's minimal cluster size; K_c = 100, tau
+0.2, eps 0.05, C_K at 10 times the lr; --clu-targets sinkhorn: K_c learned centroids with Sinkhorn too),
+lambda = 1, raised once an epoch to its full value at half-time (lambda = 0 is MoCo-v2), the presets. The
 rest is the MoCo CIFAR-10 notebook's recipe (facebookresearch/moco) with MoCo-v2's crops and MLP head.
 
 Sections: 1 configuration; the method as a step runs it: 2 augmentation, 3 backbone, 4 query/key model, 5
@@ -90,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lambda-clu", type=float, default=1.0, help="lambda, weight of the clustering loss; 0 = MoCo-v2")
     a("--clu-warmup", type=float, default=0.5, help="lambda rises in equal steps, one per epoch, to "
       "its full value at the end of this fraction of the epochs")
-    a("--clu-temperature", type=float, default=0.1, help="tau of the clustering softmax (ours)")
+    a("--clu-temperature", type=float, default=0.2, help="tau of the clustering softmax (ours)")
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the balanced assignment (ours)")
     a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
-    a("--clu-targets", default="sinkhorn", choices=["sinkhorn", "groups"], help="L_clu's targets: "
-      "the key's Sinkhorn (ours) | CLD's for K_c: the image's group in k-means of the other view's batch")
+    a("--clu-targets", default="groups", choices=["groups", "sinkhorn"], help="the K_c head's targets: "
+      "CLD's, the image's group in k-means of the other view's batch | the key's Sinkhorn on K_c centroids")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -251,7 +253,7 @@ class ResNet18(nn.Module):
 # ============ 4. The query/key model: encoder_q, its momentum copy encoder_k, the queue ============
 class Encoder(nn.Module):
     """Backbone -> MLP head -> unit-length z [N, D], and its cosines with the centroids C, here (ours) so that
-    keys and the centroids that assign them share a network: the K_c and, if any, K of the second head."""
+    keys and the centroids that assign them share a network: K_c (--clu-targets sinkhorn's), C_K if any."""
     def __init__(self, width: int, dim: int, num_clusters: int, cifar_stem: bool, bn_splits: int, K=0):
         super().__init__()
         self.backbone = ResNet18(width, cifar_stem, bn_splits)
@@ -283,12 +285,12 @@ class CueCo(nn.Module):
         torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - m)
     @torch.no_grad()
     def keys(self, x: torch.Tensor, shuffle: bool = True):
-        """Keys [N, D] and cosines [N, K_c] of images x [N, 3, S, S], encoded in a random order of the
+        """Keys [N, D] and cosines [N, K_c+K] of images x [N, 3, S, S], encoded in a random order of the
         batch, so that a key meets other images in its BN group than its query did; then unshuffled."""
         if not shuffle:
             return self.encoder_k(x)
         idx = torch.randperm(len(x), device=x.device)                  # idx: [N]
-        k, s = self.encoder_k(x[idx])                                  # k: [N, D], s: [N, K_c]
+        k, s = self.encoder_k(x[idx])                                  # k: [N, D], s: [N, K_c+K]
         back = torch.argsort(idx)                                      # back: [N]
         return k[back], s[back]
     @torch.no_grad()
@@ -350,9 +352,9 @@ def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.T
     [N, 3, S, S]; returns L, its two parts, the keys to enqueue [2N, D] and each centroid's share of
     the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile); groups: CLD's
     targets, each query predicting its image's group among the other view's queries (batch_groups)."""
-    q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c]
-    q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c]
-    k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, K_c]
+    q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c+K]
+    q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c+K]
+    k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, K_c+K]
     k2, sk2 = model.keys(x2, shuffle)                                  # k2, sk2 alike; no gradient
     queue, t1, t2 = model.queue, None, None                            # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
@@ -445,8 +447,11 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         seconds = time.time() - t0
         avg = (sums / max(1, steps)).tolist()
         # do the centroids learn? the mean angle each has moved since the start (from the chord between
-        # unit vectors: acos loses small angles), and the share of them in use
-        chord = (F.normalize(model.encoder_q.C.detach().float(), dim=1) - model.encoder_q.C_start).norm(dim=1)
+        # unit vectors: acos loses small angles), and the share of them in use; C's first K_c rows, if CLD's
+        # groups take their place, do not count
+        rows = model.heads[0] if args.clu_targets == "groups" and len(model.heads) > 1 else 0
+        C = F.normalize(model.encoder_q.C.detach().float(), dim=1)                 # C: [K_c+K, D]
+        chord = (C - model.encoder_q.C_start)[rows:].norm(dim=1)                   # chord: [K_c+K or K]
         moved = torch.rad2deg(2 * torch.asin(chord.clamp(max=2) / 2)).mean()   # degrees, a scalar
         record = {"epoch": epoch, "view_size": size, "loss": avg[0], "loss_contrastive": avg[1],
                   "loss_clustering": avg[2], "max_cluster_share": avg[3], "num_clusters": args.num_clusters,
@@ -1077,8 +1082,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     if history:
         plot_curves(history, os.path.join(args.figures_dir, f"curves_{name}.png"),
                     f"{title} (lambda {args.lambda_clu}, warm-up {args.clu_warmup}, K_c {args.num_clusters})")
-    write_json(os.path.join(args.out, "metrics.json"), {"args": vars(args), "epochs": history,
-                                                        "final": final})
+    write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), epochs=history, final=final))
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return final
 

@@ -210,13 +210,15 @@ def test_the_cld_step_has_each_query_predict_its_images_group_in_the_other_view(
     assert grad[:5].abs().sum() == 0 and grad[5:].abs().sum() > 0
 
 
-def test_the_cld_arm_steps_with_groups_and_reports_its_own_clusters(tmp_path, monkeypatch):
-    """--clu-targets groups reaches every step; C_K learns in this arm too, so it has head_ metrics."""
+@pytest.mark.parametrize("targets, groups", [(None, True), ("sinkhorn", False)])
+def test_cld_groups_are_the_default_and_both_arms_report_own_clusters(tmp_path, monkeypatch, targets, groups):
+    """CLD's groups reach every step unless --clu-targets sinkhorn; C_K learns in both, so both have head_
+    metrics."""
     folder, seen, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.cueco_loss
     monkeypatch.setattr(cueco, "cueco_loss", lambda *a, **kw: seen.append(kw["groups"]) or real(*a, **kw))
     final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--tsne-points", "0",
-                                 "--clu-targets", "groups"))
-    assert seen == [True, True] and "z_nmi" in final and "head_nmi" in final
+                                 *(["--clu-targets", targets] if targets else [])))
+    assert seen == [groups, groups] and "z_nmi" in final and "head_nmi" in final
 
 
 def test_the_model_stacks_the_second_heads_centroids_under_C_and_shares_count_the_first_head():
@@ -1113,6 +1115,14 @@ def test_preset_auto_is_200_epochs_on_a_gpu_and_the_laptop_elsewhere(tmp_path, m
     assert cueco.parse_args(out + ["--preset", "laptop"]).preset == "laptop"
 
 
+def test_the_clustering_defaults_are_those_the_readmes_cueco_rows_ran_with(tmp_path):
+    """CLD's groups for K_c = 100 at tau 0.2, the K head's Sinkhorn at eps 0.05, C_K at 10x the lr, lambda 1
+    reached at half-time: a changed default would leave the README's numbers without their command."""
+    a = cueco.parse_args(["--out", str(tmp_path), "--figures-dir", str(tmp_path)])
+    assert (a.clu_targets, a.num_clusters, a.head_clusters, a.clu_temperature, a.sinkhorn_eps, a.centroid_lr,
+            a.lambda_clu, a.clu_warmup) == ("groups", 100, None, 0.2, 0.05, 10.0, 1.0, 0.5)
+
+
 def test_flags_given_win_over_the_preset(tmp_path):
     out = ["--out", str(tmp_path), "--figures-dir", str(tmp_path)]
     laptop = cueco.parse_args(out + ["--preset", "laptop", "--epochs", "3", "--width", "8"])
@@ -1228,8 +1238,9 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
         monkeypatch.setattr(obj, name, spy)
     train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "1", "--temperature", "0.2", "--clu-temperature",
                "0.3", "--sinkhorn-eps", "0.07", "--key-momentum", "0.9", "--weight-decay", "0.001")
-    # 2 steps: 2 contrastive and 2 clustering losses each, one Sinkhorn per head (K_c 4, K 2 classes) of each
-    assert seen["T"] == [0.2] * 4 and seen["tau"] == [0.3] * 4 and seen["eps"] == [0.07] * 8
+    # 2 steps: 2 contrastive and 2 clustering losses each, one Sinkhorn for the K head (2 classes) of each;
+    # CLD's groups (the default) take the K_c head's place
+    assert seen["T"] == [0.2] * 4 and seen["tau"] == [0.3] * 4 and seen["eps"] == [0.07] * 4
     assert seen["heads"] == [[4, 2]] * 4 and seen["m"] == [0.9] * 2 and seen["decay"] == [[0.001, 0.0]] * 2
     assert all(len(group) == 1 and group[0].shape == (6, 16) for group in seen["C"])   # [K_c+K, D]: C alone
 
@@ -2012,10 +2023,12 @@ def test_batches_from_host_memory_are_gathered_into_pinned_memory_and_copied_wit
     assert torch.equal(x, images[idx]) and pinned == [True] and copies == [("cuda", True)]
 
 
-def test_how_far_the_centroids_moved_and_how_many_are_used_is_logged_as_it_is(tmp_path, monkeypatch):
-    """Each epoch's record: the mean angle between C and its start (from the checkpoint, by hand) and the
-    share of centroids that some query of the epoch was nearest to (step i's queries made to pick centroids
-    2i and 2i + 1: an untrained network's queries all pick the same few)."""
+@pytest.mark.parametrize("targets, first", [("groups", 64), ("sinkhorn", 0)])
+def test_how_far_the_centroids_moved_and_how_many_are_used_is_logged_as_it_is(tmp_path, monkeypatch, targets, first):
+    """Each epoch's record: the mean angle between C and its start (from the checkpoint, by hand; C_K's alone
+    where CLD's groups leave C's first K_c unused) and the share of centroids that some query of the epoch
+    was nearest to (step i's queries made to pick centroids 2i and 2i + 1: an untrained network's queries all
+    pick the same few)."""
     real, shares = cueco.cueco_loss, []
 
     def spy(*args, **kw):
@@ -2025,12 +2038,13 @@ def test_how_far_the_centroids_moved_and_how_many_are_used_is_logged_as_it_is(tm
 
     monkeypatch.setattr(cueco, "cueco_loss", spy)
     folder, out = make_folder(tmp_path / "d", n_per_class=16), tmp_path / "r"
-    cueco.main(tiny_args(folder, out, "--epochs", "1", "--tsne-points", "0", "--num-clusters", "64"))
+    cueco.main(tiny_args(folder, out, "--epochs", "1", "--tsne-points", "0", "--num-clusters", "64",
+                         "--clu-targets", targets))
     record = json.loads((out / "metrics.json").read_text())["epochs"][0]
     state = cueco.load_checkpoint(str(out / "checkpoint.pt"))["model"]
     C, start = state["encoder_q.C"].double(), state["encoder_q.C_start"].double()
     angles = [math.degrees(math.acos(min(1.0, (a @ b).item() / (a.norm() * b.norm()).item())))
-              for a, b in zip(C, start)]
+              for a, b in zip(C[first:], start[first:])]
     assert 0 < record["centroids_moved_deg"] == pytest.approx(sum(angles) / len(angles), rel=1e-4)
     assert len(shares) == 4 and record["centroids_used"] == 8 / 64   # the epoch's, not its last step's
     assert torch.equal(state["encoder_q.C_start"], state["encoder_k.C_start"])   # the start, not moved

@@ -109,7 +109,7 @@ MUTANTS = [
     ("the gallery of own clusters by backbone features", "cluster_exemplars(z if own else f_test, clusters)",
      "cluster_exemplars(f_test, clusters)"),
     ("the centroids at the network's rate", 'group["lr"] = lr * group["scale"]', 'group["lr"] = lr'),
-    # the CLD arm (--clu-targets groups)
+    # CLD's groups, the default --clu-targets
     ("the group targets ignored", "Q = sinkhorn(sk, eps) if targets is None or h else F.one_hot(targets",
      "Q = sinkhorn(sk, eps) if True else F.one_hot(targets"),
     ("the group targets for every head", "Q = sinkhorn(sk, eps) if targets is None or h else F.one_hot(targets",
@@ -127,4 +127,8 @@ MUTANTS = [
     ("the groups' means not normalised", "return q @ F.normalize(F.one_hot(g, K_c).to(z.dtype).t() @ z, dim=1).t(), g",
      "return q @ (F.one_hot(g, K_c).to(z.dtype).t() @ z).t(), g"),
     ("--clu-targets groups ignored", 'groups=args.clu_targets == "groups")', "groups=False)"),
+    ("Sinkhorn's targets the default", 'a("--clu-targets", default="groups"', 'a("--clu-targets", default="sinkhorn"'),
+    ("tau's default 0.1", 'a("--clu-temperature", type=float, default=0.2', 'a("--clu-temperature", type=float, default=0.1'),
+    ("C's unused first K_c counted in how far C moved",
+     'rows = model.heads[0] if args.clu_targets == "groups" and len(model.heads) > 1 else 0', "rows = 0"),
 ]
