@@ -1310,10 +1310,10 @@ def test_a_nan_between_progress_lines_stops_the_run_at_the_default_log_every(tmp
         calls.append(1)
         C = model.encoder_q.C
         bad = float("nan") if len(calls) == 5 else 0.0   # in the value, not the gradient
-        one = torch.tensor(1.0)
-        keys = F.normalize(torch.randn(2 * len(x1), C.shape[1]), dim=1)
+        one = torch.tensor(1.0, device=x1.device)   # on the run's device: the suite runs on a GPU too
+        keys = F.normalize(torch.randn(2 * len(x1), C.shape[1], device=x1.device), dim=1)
         K_c = model.heads[0]   # shares: of the first head's centroids
-        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((K_c,), 1 / K_c)
+        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((K_c,), 1 / K_c, device=x1.device)
 
     monkeypatch.setattr(cueco, "cueco_loss", loss)
     fails(argv, "NaN", capsys)
@@ -1573,7 +1573,7 @@ def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_fig
                         seen.update(tsne=(clusters, what)))
     monkeypatch.setattr(cueco, "cluster_exemplars", lambda f, c: seen.update(gallery=(f, c)) or real_exemplars(f, c))
     final = cueco.main(tiny_args(folder, out, "--epochs", "2", "--tsne-points", "24",   # bf16 on some CPUs:
-                                 "--precision", "fp32"))                             # z as computed here
+                                 "--precision", "fp32", "--device", "cpu"))          # z as computed here
     model, data, f_test, z = seen["model"], seen["data"], seen["f_test"], seen["z"]
     with torch.no_grad():
         own = (z @ F.normalize(model.encoder_q.C[4:], dim=1).t()).argmax(1)
@@ -1953,7 +1953,7 @@ def test_out_of_memory_in_training_or_evaluation_is_one_line_and_keeps_the_check
         return real(*args, **kw)
 
     monkeypatch.setattr(cueco, "cueco_loss", oom)
-    fails(tiny_args(folder, out, "--epochs", "3", "--eval-every", "0"),
+    fails(tiny_args(folder, out, "--epochs", "3", "--eval-every", "0", "--device", "cpu"),
           "out of memory on cpu at --batch-size 8, --width 4: try --batch-size 4 or --preset laptop; the "
           "checkpoint of epoch 1", capsys)
     assert cueco.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
@@ -2005,7 +2005,8 @@ def test_run_places_the_training_set_as_decided_and_says_so(tmp_path, monkeypatc
     """run() puts data.train where train_set_place says, and the data line says where and why."""
     folder, placed, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.train_set_place
     monkeypatch.setattr(cueco, "train_set_place", lambda *a: placed.append(a) or real(*a))
-    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0", "--memory-gb", "0"))
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0", "--memory-gb", "0",
+                         "--device", "cpu"))
     assert placed == [(16 * 3 * 32 * 32, torch.device("cpu"), 0.0)]
     assert "training images in host memory (0.0 GB, over --memory-gb 0)" in capsys.readouterr().out
 
@@ -2039,7 +2040,7 @@ def test_how_far_the_centroids_moved_and_how_many_are_used_is_logged_as_it_is(tm
     monkeypatch.setattr(cueco, "cueco_loss", spy)
     folder, out = make_folder(tmp_path / "d", n_per_class=16), tmp_path / "r"
     cueco.main(tiny_args(folder, out, "--epochs", "1", "--tsne-points", "0", "--num-clusters", "64",
-                         "--clu-targets", targets))
+                         "--clu-targets", targets, "--device", "cpu"))   # the spy's shares are on the CPU
     record = json.loads((out / "metrics.json").read_text())["epochs"][0]
     state = cueco.load_checkpoint(str(out / "checkpoint.pt"))["model"]
     C, start = state["encoder_q.C"].double(), state["encoder_q.C_start"].double()
