@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
     a("--clu-targets", default="groups", choices=["groups", "sinkhorn"], help="the K_c head's targets: "
       "CLD's, the image's group in k-means of the other view's batch | the key's Sinkhorn on K_c centroids")
+    a("--kmeans-centroids", action="store_true", help="C_K reset at each epoch's end to k-means of the "
+      "epoch's keys (PCL's E-step; a probe, ours)")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -405,7 +407,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
         used = torch.zeros(args.num_clusters, dtype=torch.bool, device=device)   # C_c nearest to a query
         t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
-        views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
+        views, epoch_keys = epoch_views(data, epoch, args.batch_size, args.seed, device, size), []
         for step, (x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
             lr = base_lr * 0.5 * (1 + math.cos(angle))
@@ -423,6 +425,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             scaler.update()
             model.momentum_update(args.key_momentum)
             model.enqueue(keys)
+            epoch_keys += [keys[:args.batch_size]] * args.kmeans_centroids   # view 1's keys [N, D]
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
             used |= shares > 0
@@ -445,6 +448,11 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
 
         # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
         seconds = time.time() - t0
+        if epoch_keys and len(model.heads) > 1:   # C_K <- unit means of k-means of the epoch's keys
+            k, K = torch.cat(epoch_keys), model.heads[-1]                         # k: [N_train, D]
+            C_K = F.normalize(F.one_hot(kmeans(k, K, seed=epoch), K).t().float() @ k, dim=1)   # [K, D]
+            for enc in (model.encoder_q, model.encoder_k):
+                enc.C.data[-K:] = C_K
         avg = (sums / max(1, steps)).tolist()
         # do the centroids learn? the mean angle each has moved since the start (from the chord between
         # unit vectors: acos loses small angles), and the share of them in use; C's first K_c rows, if CLD's
