@@ -97,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--centroid-lr", type=float, default=10.0, help="C's learning rate, a multiple of --lr (ours)")
     a("--clu-targets", default="groups", choices=["groups", "sinkhorn"], help="the K_c head's targets: "
       "CLD's, the image's group in k-means of the other view's batch | the key's Sinkhorn on K_c centroids")
-    a("--kmeans-centroids", action="store_true", help="C_K reset at each epoch's end to k-means of the "
-      "epoch's keys (PCL's E-step; a probe, ours)")
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=800, help="0 = evaluate the untrained network")
     a("--batch-size", type=int, default=512, help="images per step")
@@ -255,27 +253,27 @@ class ResNet18(nn.Module):
 # ============ 4. The query/key model: encoder_q, its momentum copy encoder_k, the queue ============
 class Encoder(nn.Module):
     """Backbone -> MLP head -> unit-length z [N, D], and its cosines with the centroids C, here (ours) so that
-    keys and the centroids that assign them share a network: K_c (--clu-targets sinkhorn's), C_K if any."""
-    def __init__(self, width: int, dim: int, num_clusters: int, cifar_stem: bool, bn_splits: int, K=0):
+    keys and the centroids that assign them share a network. C stacks the heads' centroids: C_K, and
+    before it K_c centroids under --clu-targets sinkhorn (CLD's groups need none)."""
+    def __init__(self, width: int, dim: int, cifar_stem: bool, bn_splits: int, centroids: int):
         super().__init__()
         self.backbone = ResNet18(width, cifar_stem, bn_splits)
         f = self.backbone.out_dim
         self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, dim))   # MoCo-v2's
-        self.C = nn.Parameter(F.normalize(torch.randn(num_clusters + K, dim), dim=1))    # C: [K_c+K, D]
+        self.C = nn.Parameter(F.normalize(torch.randn(centroids, dim), dim=1))          # C: [sum(heads), D]
         self.register_buffer("C_start", self.C.detach().clone())   # to log how far C has moved
     def forward(self, x):
         h = self.projector(self.backbone(x))                                   # h: [N, D]
         with torch.autocast(x.device.type, enabled=False):   # float32 whatever the autocast (section 12)
             z = F.normalize(h.float(), dim=1)                                  # z: [N, D]
-            return z, z @ F.normalize(self.C.float(), dim=1).t()               # z.C: [N, K_c+K]
+            return z, z @ F.normalize(self.C.float(), dim=1).t()               # z.C: [N, sum(heads)]
 
 class CueCo(nn.Module):
-    def __init__(self, width=64, dim=128, num_clusters=100, queue_size=4096, cifar_stem=True,
-                 bn_splits=8, head_clusters=0):
+    def __init__(self, width=64, dim=128, queue_size=4096, cifar_stem=True, bn_splits=8, heads=(10,)):
         super().__init__()
-        self.heads = [num_clusters] + [head_clusters] * (head_clusters > 0)   # the K_c and K of C's rows
-        self.encoder_q = Encoder(width, dim, num_clusters, cifar_stem, bn_splits, head_clusters)
-        self.encoder_k = Encoder(width, dim, num_clusters, cifar_stem, bn_splits, head_clusters)
+        self.heads = list(heads)   # the sizes of C's blocks of rows: [K] (the default) or [K_c, K]
+        self.encoder_q = Encoder(width, dim, cifar_stem, bn_splits, sum(heads))
+        self.encoder_k = Encoder(width, dim, cifar_stem, bn_splits, sum(heads))
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)   # it learns only through the momentum update
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
@@ -287,12 +285,12 @@ class CueCo(nn.Module):
         torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - m)
     @torch.no_grad()
     def keys(self, x: torch.Tensor, shuffle: bool = True):
-        """Keys [N, D] and cosines [N, K_c+K] of images x [N, 3, S, S], encoded in a random order of the
+        """Keys [N, D] and cosines [N, sum(heads)] of images x [N, 3, S, S], encoded in a random order of the
         batch, so that a key meets other images in its BN group than its query did; then unshuffled."""
         if not shuffle:
             return self.encoder_k(x)
         idx = torch.randperm(len(x), device=x.device)                  # idx: [N]
-        k, s = self.encoder_k(x[idx])                                  # k: [N, D], s: [N, K_c+K]
+        k, s = self.encoder_k(x[idx])                                  # k: [N, D], s: [N, sum(heads)]
         back = torch.argsort(idx)                                      # back: [N]
         return k[back], s[back]
     @torch.no_grad()
@@ -326,17 +324,16 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
         Q /= Q.sum(dim=0, keepdim=True) * N                            # each sample: 1/N
     return (Q * N).t()                                                 # Q: [N, K_c]
 
-def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float, heads=None, targets=None):
-    """Ours: L_clu = -sum_c Q(k+)_c log softmax(q.C / tau)_c, batch mean: the query predicts its key's
-    balanced assignment. s_q, s_k: [N, K_c+K] cosines of query and key with C (gradient: to q and C);
-    heads: the sizes of C's blocks, [K_c, K]: the mean of the heads' L_clu, each with its own Sinkhorn.
-    targets [N]: each image's group for the first head instead (CLD), Q one-hot."""
-    heads, loss = heads or [s_q.shape[1]], 0.0
-    for h, (sq, sk) in enumerate(zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1))):   # [N, K_h]
-        Q = sinkhorn(sk, eps) if targets is None or h else F.one_hot(targets, sq.shape[1]).float()
+def clustering_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float, heads=None):
+    """Ours: L_K = -sum_c Q(k+)_c log softmax(q.C_K / tau)_c, batch mean: the query predicts its key's
+    balanced assignment. s_q, s_k: [N, sum(heads)] cosines of query and key with C (gradient: to q and
+    C); heads: the sizes of C's blocks, e.g. [K_c, K]: the sum of their losses, each with its own Sinkhorn."""
+    heads, loss = [s_q.shape[1]] if heads is None else heads, 0.0   # heads []: no C, no loss
+    for sq, sk in zip(s_q.split(heads, dim=1), s_k.split(heads, dim=1)):   # [N, K_h] each
+        Q = sinkhorn(sk, eps)                                          # Q: [N, K_h]
         log_p = F.log_softmax(sq.float() / tau, dim=1)                 # log_p: [N, K_h]
         loss = loss - (Q * log_p).sum(dim=1).mean()                    # a scalar
-    return loss / len(heads)
+    return loss
 
 def batch_groups(q: torch.Tensor, z: torch.Tensor, K_c: int, iters: int = 5):
     """CLD's targets (Wang et al., CVPR 2021; ours: on z, spherical): k-means of the other view's batch
@@ -349,26 +346,26 @@ def batch_groups(q: torch.Tensor, z: torch.Tensor, K_c: int, iters: int = 5):
     return q @ F.normalize(F.one_hot(g, K_c).to(z.dtype).t() @ z, dim=1).t(), g   # [N, K_c], [N]
 
 def cueco_loss(model: CueCo, encoder_q: nn.Module, x1: torch.Tensor, x2: torch.Tensor, T: float,
-               tau: float, eps: float, lam: float, shuffle: bool = True, groups=False):
+               tau: float, eps: float, lam: float, shuffle: bool = True, K_c: int = 100):
     """L = L_con(q1, k2) + L_con(q2, k1) + lam * (L_clu(q1, k2) + L_clu(q2, k1)) on two views
-    [N, 3, S, S]; returns L, its two parts, the keys to enqueue [2N, D] and each centroid's share of
-    the batch [K_c]. encoder_q is model.encoder_q, or the same compiled (--compile); groups: CLD's
-    targets, each query predicting its image's group among the other view's queries (batch_groups)."""
-    q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, K_c+K]
-    q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2: [N, K_c+K]
-    k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, K_c+K]
+    [N, 3, S, S], L_clu the mean of the heads': CLD's K_c groups (K_c 0: none) and C's blocks. Returns L,
+    its two parts, the keys to enqueue [2N, D] and each cluster's share of the batch, C's last block's
+    (C_K's) if any, else the groups'. encoder_q is model.encoder_q, or the same compiled (--compile)."""
+    q1, s1 = encoder_q(x1)                                             # q1: [N, D], s1: [N, sum(heads)]
+    q2, s2 = encoder_q(x2)                                             # q2: [N, D], s2 alike
+    k1, sk1 = model.keys(x1, shuffle)                                  # k1: [N, D], sk1: [N, sum(heads)]
     k2, sk2 = model.keys(x2, shuffle)                                  # k2, sk2 alike; no gradient
-    queue, t1, t2 = model.queue, None, None                            # queue: [K, D]
+    queue = model.queue                                                # queue: [K, D]
     with torch.autocast(x1.device.type, enabled=False):   # logits / T need float32
-        if groups:   # view 2's groups replace C's first K_c for q1 (t2: each image's group); C_K stays
-            K_c = model.heads[0]
-            (g1, t2), (g2, t1) = batch_groups(q1, q2, K_c), batch_groups(q2, q1, K_c)
-            s1, s2 = torch.cat([g1, s1[:, K_c:]], dim=1), torch.cat([g2, s2[:, K_c:]], dim=1)   # [N, K_c+K]
         l_con = contrastive_loss(q1, k2, queue, T) + contrastive_loss(q2, k1, queue, T)   # scalar
-        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads, t2)
-                 + clustering_loss(s2, sk1, tau, eps, model.heads, t1))                         # scalar
-    s1 = s1[:, :model.heads[0]]                                        # s1: [N, K_c], the first head
-    shares = (s1 == s1.max(dim=1, keepdim=True).values).float().mean(0)   # shares: [K_c]
+        l_clu = (clustering_loss(s1, sk2, tau, eps, model.heads)
+                 + clustering_loss(s2, sk1, tau, eps, model.heads))                     # scalar
+        if K_c:   # CLD's head: q1 predicts its image's group t2 among view 2's queries, and vice versa
+            (g1, t2), (g2, t1) = batch_groups(q1, q2, K_c), batch_groups(q2, q1, K_c)   # [N, K_c], [N]
+            l_clu = l_clu + F.cross_entropy(g1 / tau, t2) + F.cross_entropy(g2 / tau, t1)   # L_grp
+        l_clu = l_clu / (len(model.heads) + (K_c > 0))                 # the heads' mean
+    s = s1[:, -model.heads[-1]:] if model.heads else g1                # s: [N, K], C_K's (or the groups')
+    shares = (s == s.max(dim=1, keepdim=True).values).float().mean(0)  # shares: [K]
     return l_con + lam * l_clu, l_con.detach(), l_clu.detach(), torch.cat([k1, k2]), shares
 
 # ========================================== 6. Training ==========================================
@@ -405,9 +402,10 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         # resumed run draws exactly what the uninterrupted one would have
         torch.manual_seed(args.seed * 1009 + epoch)
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
-        used = torch.zeros(args.num_clusters, dtype=torch.bool, device=device)   # C_c nearest to a query
+        used = torch.zeros(model.heads[-1] if model.heads else args.num_clusters, dtype=torch.bool,
+                           device=device)   # the clusters of `shares` nearest to a query
         t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
-        views, epoch_keys = epoch_views(data, epoch, args.batch_size, args.seed, device, size), []
+        views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
         for step, (x1, x2) in enumerate(views):
             angle = math.pi * ((epoch - 1) * steps + step) / max(1, args.epochs * steps)   # cosine decay
             lr = base_lr * 0.5 * (1 + math.cos(angle))
@@ -417,7 +415,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             with autocast(device, precision):
                 loss, l_con, l_clu, keys, shares = cueco_loss(
                     model, encoder_q, x1, x2, args.temperature, args.clu_temperature, args.sinkhorn_eps, lam,
-                    groups=args.clu_targets == "groups")
+                    K_c=args.num_clusters * (args.clu_targets == "groups"))
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()   # fp16 only scales; else loss.backward(), optimizer.step()
@@ -425,7 +423,6 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             scaler.update()
             model.momentum_update(args.key_momentum)
             model.enqueue(keys)
-            epoch_keys += [keys[:args.batch_size]] * args.kmeans_centroids   # view 1's keys [N, D]
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
             used |= shares > 0
@@ -448,21 +445,14 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
 
         # the end of an epoch: the record, the kNN monitor, metrics.json, a checkpoint
         seconds = time.time() - t0
-        if epoch_keys and len(model.heads) > 1:   # C_K <- unit means of k-means of the epoch's keys
-            k, K = torch.cat(epoch_keys), model.heads[-1]                         # k: [N_train, D]
-            C_K = F.normalize(F.one_hot(kmeans(k, K, seed=epoch), K).t().float() @ k, dim=1)   # [K, D]
-            for enc in (model.encoder_q, model.encoder_k):
-                enc.C.data[-K:] = C_K
         avg = (sums / max(1, steps)).tolist()
         # do the centroids learn? the mean angle each has moved since the start (from the chord between
-        # unit vectors: acos loses small angles), and the share of them in use; C's first K_c rows, if CLD's
-        # groups take their place, do not count
-        rows = model.heads[0] if args.clu_targets == "groups" and len(model.heads) > 1 else 0
-        C = F.normalize(model.encoder_q.C.detach().float(), dim=1)                 # C: [K_c+K, D]
-        chord = (C - model.encoder_q.C_start)[rows:].norm(dim=1)                   # chord: [K_c+K or K]
-        moved = torch.rad2deg(2 * torch.asin(chord.clamp(max=2) / 2)).mean()   # degrees, a scalar
+        # unit vectors: acos loses small angles), and the share of them in use
+        C = F.normalize(model.encoder_q.C.detach().float(), dim=1)                 # C: [sum(heads), D]
+        chord = (C - model.encoder_q.C_start).norm(dim=1)                          # chord: [sum(heads)]
+        moved = torch.rad2deg(2 * torch.asin(chord.clamp(max=2) / 2)).sum() / max(1, len(C))   # degrees
         record = {"epoch": epoch, "view_size": size, "loss": avg[0], "loss_contrastive": avg[1],
-                  "loss_clustering": avg[2], "max_cluster_share": avg[3], "num_clusters": args.num_clusters,
+                  "loss_clustering": avg[2], "max_cluster_share": avg[3], "num_clusters": len(used),
                   "centroids_moved_deg": moved.item(), "centroids_used": used.float().mean().item(),
                   "lambda_clu": lam, "lr": lr, "img_per_s": steps * args.batch_size / seconds,
                   "seconds": seconds}
@@ -959,7 +949,7 @@ def autocast(device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
-CHECKPOINT_FORMAT = "cueco-checkpoint-v1"
+CHECKPOINT_FORMAT = "cueco-checkpoint-v2"   # v2: C without unused rows
 
 def save_checkpoint(path: str, model, optimizer, scaler, epoch: int, config: dict, history: list):
     """Written to a temporary file and renamed over the old one: a crash never leaves half a checkpoint.
@@ -1011,9 +1001,10 @@ def run(argv=None) -> dict:
     where, place = train_set_place(data.train.numel(), device, args.memory_gb)
     data = data._replace(train=data.train.to(where))
 
-    K = len(data.classes) if args.head_clusters is None else args.head_clusters   # none in MoCo-v2:
-    model = CueCo(args.width, args.dim, args.num_clusters, args.queue_size, data.image_size <= 64,
-                  args.bn_splits, K if args.lambda_clu else 0).to(device)   # C_K would not learn
+    K = len(data.classes) if args.head_clusters is None else args.head_clusters   # C's blocks:
+    heads = [args.num_clusters] * (args.clu_targets == "sinkhorn") + [K] * (K > 0)   # no groups there
+    model = CueCo(args.width, args.dim, args.queue_size, data.image_size <= 64, args.bn_splits,
+                  heads).to(device)
     optimizer = make_optimizer(model.encoder_q, args.lr, args.weight_decay, args.centroid_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     history, start_epoch = [], 0
@@ -1064,9 +1055,9 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
     final.update({"z_" + k: v for k, v in cluster_metrics(kmeans(z, len(data.classes), seed=args.seed),
                                                           data.test_y).items()})
-    own = len(model.heads) > 1   # the model's own clusters: each image's nearest centroid of C_K
+    own = args.lambda_clu and args.head_clusters != 0   # the own clusters: the nearest centroid of C_K
     if own:
-        C_K = F.normalize(model.encoder_q.C[model.heads[0]:].float(), dim=1)   # C_K: [K, D]
+        C_K = F.normalize(model.encoder_q.C[-model.heads[-1]:].float(), dim=1)   # C_K: [K, D]
         clusters = (z @ C_K.t()).argmax(dim=1)                         # clusters: [N_test]
         final.update({"head_" + k: v for k, v in cluster_metrics(clusters, data.test_y).items()})
 

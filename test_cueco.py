@@ -94,7 +94,7 @@ def fixed_views(n=8, size=16):
 
 def tiny_model(**kw):
     torch.manual_seed(0)
-    opts = dict(width=4, dim=8, num_clusters=5, queue_size=32, bn_splits=2)
+    opts = dict(width=4, dim=8, queue_size=32, bn_splits=2, heads=[5])
     opts.update(kw)
     return cueco.CueCo(**opts)
 
@@ -137,31 +137,17 @@ def test_clustering_loss_is_cross_entropy_to_three_sinkhorn_iterations():
     assert torch.allclose(cueco.clustering_loss(s_q, s_k, 0.1, 0.05), expected, atol=1e-5)
 
 
-def test_two_heads_each_balance_their_own_clusters_and_their_losses_are_averaged():
+def test_two_heads_each_balance_their_own_clusters_and_their_losses_add_up():
     """heads [5, 3]: the first 5 and the last 3 columns are two clusterings, each with its own Sinkhorn
-    (against the textbook one on its block alone) and cross-entropy; L_clu is their mean. One Sinkhorn over
-    all 8 columns, or the sum of the heads, is another loss."""
+    (against the textbook one on its block alone) and cross-entropy; their losses add up (cueco_loss takes
+    the heads' mean). One Sinkhorn over all 8 columns, or the mean of the heads, is another loss."""
     s_q, s_k = unit(12, 5, 4) @ unit(8, 5, 5).t(), unit(12, 5, 6) @ unit(8, 5, 7).t()   # [12, 8] each
     s_k[:, 5] += 0.5   # one cluster of the second head is everyone's favourite: Sinkhorn must share it out
     per_head = [F.cross_entropy(s_q[:, cols] / 0.1, sinkhorn_reference(s_k[:, cols], 0.05, 3))
                 for cols in (slice(0, 5), slice(5, 8))]
     got = cueco.clustering_loss(s_q, s_k, 0.1, 0.05, [5, 3])
-    assert torch.allclose(got, (per_head[0] + per_head[1]) / 2, atol=1e-5)
+    assert torch.allclose(got, per_head[0] + per_head[1], atol=1e-5)
     assert not torch.allclose(got, cueco.clustering_loss(s_q, s_k, 0.1, 0.05), atol=1e-3)   # one head of 8
-
-
-def test_group_targets_make_the_first_head_a_cross_entropy_to_the_images_group():
-    """--clu-targets groups: the first head's target is the image's group, a class index, so its L_clu is
-    PyTorch's cross-entropy and the keys' cosines no longer count there; the K head keeps its Sinkhorn."""
-    s_q, s_k = unit(12, 5, 4) @ unit(8, 5, 5).t(), unit(12, 5, 6) @ unit(8, 5, 7).t()   # [12, 8] each
-    targets = torch.arange(12) % 5                                                       # [12]
-    expected = (F.cross_entropy(s_q[:, :5] / 0.1, targets)
-                + F.cross_entropy(s_q[:, 5:] / 0.1, sinkhorn_reference(s_k[:, 5:], 0.05, 3))) / 2
-    got = cueco.clustering_loss(s_q, s_k, 0.1, 0.05, [5, 3], targets)
-    assert torch.allclose(got, expected, atol=1e-5)
-    s_k2 = s_k.clone()
-    s_k2[:, :5] = 0   # the first head's keys do not count
-    assert torch.equal(got, cueco.clustering_loss(s_q, s_k2, 0.1, 0.05, [5, 3], targets))
 
 
 def spherical_kmeans_reference(z, K, iters):
@@ -191,11 +177,11 @@ def test_cld_groups_are_five_lloyd_steps_on_the_other_views_batch_and_carry_its_
 
 def test_the_cld_step_has_each_query_predict_its_images_group_in_the_other_view():
     """L_clu with groups: q1 against view 2's K_c groups (of q2) and q2 against view 1's, a cross-entropy at
-    tau; the K head as ever, each query predicting its key's Sinkhorn on C_K; the heads averaged. C's first
-    K_c take no part and get no gradient; C_K learns."""
-    model, (x1, x2) = tiny_model(num_clusters=5, head_clusters=3), fixed_views(8, 16)
+    tau; the K head as ever, each query predicting its key's Sinkhorn on C_K; the heads averaged. C holds
+    C_K alone, and learns."""
+    model, (x1, x2) = tiny_model(heads=[3]), fixed_views(8, 16)
     loss, _, l_clu, _, _ = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.2, 0.05, 1.0,
-                                            shuffle=False, groups=True)
+                                            shuffle=False, K_c=5)
     with torch.no_grad():
         (q1, s1), (q2, s2) = model.encoder_q(x1), model.encoder_q(x2)
         sk1, sk2 = model.keys(x1, shuffle=False)[1], model.keys(x2, shuffle=False)[1]
@@ -203,36 +189,38 @@ def test_the_cld_step_has_each_query_predict_its_images_group_in_the_other_view(
         for q, z, s, sk in ((q1, q2, s1, sk2), (q2, q1, s2, sk1)):
             labels, centres = spherical_kmeans_reference(z, 5, 5)
             expected += (F.cross_entropy(q @ centres.t() / 0.2, labels)
-                         + F.cross_entropy(s[:, 5:] / 0.2, sinkhorn_reference(sk[:, 5:], 0.05, 3))) / 2
+                         + F.cross_entropy(s / 0.2, sinkhorn_reference(sk, 0.05, 3))) / 2
     assert torch.allclose(l_clu, expected, atol=1e-5)
     loss.backward()
-    grad = model.encoder_q.C.grad
-    assert grad[:5].abs().sum() == 0 and grad[5:].abs().sum() > 0
+    assert model.encoder_q.C.shape == (3, 8) and model.encoder_q.C.grad.abs().min() > 0
 
 
-@pytest.mark.parametrize("targets, groups", [(None, True), ("sinkhorn", False)])
-def test_cld_groups_are_the_default_and_both_arms_report_own_clusters(tmp_path, monkeypatch, targets, groups):
-    """CLD's groups reach every step unless --clu-targets sinkhorn; C_K learns in both, so both have head_
-    metrics."""
+@pytest.mark.parametrize("targets, K_c, heads", [(None, 4, [2]), ("sinkhorn", 0, [4, 2])])
+def test_cld_groups_are_the_default_and_both_arms_report_own_clusters(tmp_path, monkeypatch, targets, K_c, heads):
+    """CLD's K_c groups reach every step unless --clu-targets sinkhorn, which puts K_c centroids in C before
+    C_K; C_K learns in both, so both have head_ metrics."""
     folder, seen, real = make_folder(tmp_path / "d", n_per_class=8), [], cueco.cueco_loss
-    monkeypatch.setattr(cueco, "cueco_loss", lambda *a, **kw: seen.append(kw["groups"]) or real(*a, **kw))
+    monkeypatch.setattr(cueco, "cueco_loss", lambda model, *a, **kw: seen.append((kw["K_c"], model.heads))
+                        or real(model, *a, **kw))
     final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--tsne-points", "0",
                                  *(["--clu-targets", targets] if targets else [])))
-    assert seen == [groups, groups] and "z_nmi" in final and "head_nmi" in final
+    assert seen == [(K_c, heads)] * 2 and "z_nmi" in final and "head_nmi" in final
 
 
-def test_the_model_stacks_the_second_heads_centroids_under_C_and_shares_count_the_first_head():
-    model, (x1, x2) = tiny_model(num_clusters=5, head_clusters=3), fixed_views(8, 16)
+def test_the_model_stacks_the_heads_centroids_in_C_and_shares_count_the_last_head():
+    """heads [5, 3] (--clu-targets sinkhorn): C is [8, D], L_clu the mean of the two heads' losses, and the
+    shares those of C_K, the last 3 centroids, whose argmax are the own clusters."""
+    model, (x1, x2) = tiny_model(heads=[5, 3]), fixed_views(8, 16)
     assert model.heads == [5, 3] and model.encoder_q.C.shape == (8, 8) and tiny_model().heads == [5]
     loss, _, l_clu, _, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0,
-                                                 shuffle=False)
+                                                 shuffle=False, K_c=0)
     with torch.no_grad():
         s1, s2 = model.encoder_q(x1)[1], model.encoder_q(x2)[1]
         t1, t2 = model.keys(x1, shuffle=False)[1], model.keys(x2, shuffle=False)[1]
         expected = (cueco.clustering_loss(s1, t2, 0.1, 0.05, [5, 3])
-                    + cueco.clustering_loss(s2, t1, 0.1, 0.05, [5, 3]))
-    assert s1.shape == (8, 8) and shares.shape == (5,) and torch.equal(shares, torch.bincount(
-        s1[:, :5].argmax(1), minlength=5) / 8)
+                    + cueco.clustering_loss(s2, t1, 0.1, 0.05, [5, 3])) / 2
+    assert s1.shape == (8, 8) and shares.shape == (3,) and torch.equal(shares, torch.bincount(
+        s1[:, 5:].argmax(1), minlength=3) / 8)
     assert torch.allclose(l_clu, expected, atol=1e-5)
     loss.backward()
     assert model.encoder_q.C.grad[5:].abs().sum() > 0   # the second head learns
@@ -254,7 +242,8 @@ def test_sinkhorn_marginals_are_balanced_even_when_one_cluster_dominates():
 def test_gradients_reach_query_and_centroids_but_not_key():
     model = tiny_model()
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    loss, l_con, l_clu, keys, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0)
+    loss, l_con, l_clu, keys, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1, 0.05, 1.0,
+                                                        K_c=4)
     loss.backward()
     assert keys.shape == (16, 8) and not keys.requires_grad
     assert shares.sum().item() == pytest.approx(1.0)
@@ -270,7 +259,7 @@ def test_cueco_loss_pairs_each_query_with_the_other_views_key():
             p.add_(0.1 * torch.randn_like(p))
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     loss, l_con, l_clu, keys, _ = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.2, 0.1, 0.05, 0.5,
-                                                   shuffle=False)
+                                                   shuffle=False, K_c=0)
     with torch.no_grad():
         (q1, s1), (q2, s2) = model.encoder_q(x1), model.encoder_q(x2)
         (k1, t1), (k2, t2) = model.encoder_k(x1), model.encoder_k(x2)
@@ -964,7 +953,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = str(tmp_path / "c.pt")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cueco.save_checkpoint(path, model, opt, scaler, 3, vars(args), [{"epoch": 3}])
-    other = tiny_model(num_clusters=5)
+    other = tiny_model()
     with torch.no_grad():
         other.queue.zero_()
     ck = cueco.load_checkpoint(path, other, torch.optim.SGD(other.encoder_q.parameters(), lr=0.1), scaler)
@@ -1215,9 +1204,9 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
         seen["T"].append(T)
         return real_con(q, k, queue, T)
 
-    def clu(s_q, s_k, tau, eps, heads=None, targets=None):
+    def clu(s_q, s_k, tau, eps, heads=None):
         seen["tau"].append(tau), seen["heads"].append(heads)
-        return real_clu(s_q, s_k, tau, eps, heads, targets)
+        return real_clu(s_q, s_k, tau, eps, heads)
 
     def sink(scores, eps=0.05, iters=3):   # called by clustering_loss: eps must travel through it too
         seen["eps"].append(eps)
@@ -1239,10 +1228,10 @@ def test_each_method_flag_reaches_its_use_in_the_step(tmp_path, monkeypatch):
     train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "1", "--temperature", "0.2", "--clu-temperature",
                "0.3", "--sinkhorn-eps", "0.07", "--key-momentum", "0.9", "--weight-decay", "0.001")
     # 2 steps: 2 contrastive and 2 clustering losses each, one Sinkhorn for the K head (2 classes) of each;
-    # CLD's groups (the default) take the K_c head's place
+    # CLD's groups (the default) need no centroids: C is C_K alone
     assert seen["T"] == [0.2] * 4 and seen["tau"] == [0.3] * 4 and seen["eps"] == [0.07] * 4
-    assert seen["heads"] == [[4, 2]] * 4 and seen["m"] == [0.9] * 2 and seen["decay"] == [[0.001, 0.0]] * 2
-    assert all(len(group) == 1 and group[0].shape == (6, 16) for group in seen["C"])   # [K_c+K, D]: C alone
+    assert seen["heads"] == [[2]] * 4 and seen["m"] == [0.9] * 2 and seen["decay"] == [[0.001, 0.0]] * 2
+    assert all(len(group) == 1 and group[0].shape == (2, 16) for group in seen["C"])   # [K, D]: C alone
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
@@ -1312,8 +1301,8 @@ def test_a_nan_between_progress_lines_stops_the_run_at_the_default_log_every(tmp
         bad = float("nan") if len(calls) == 5 else 0.0   # in the value, not the gradient
         one = torch.tensor(1.0, device=x1.device)   # on the run's device: the suite runs on a GPU too
         keys = F.normalize(torch.randn(2 * len(x1), C.shape[1], device=x1.device), dim=1)
-        K_c = model.heads[0]   # shares: of the first head's centroids
-        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((K_c,), 1 / K_c, device=x1.device)
+        K = model.heads[-1]   # shares: of C_K's centroids
+        return (C * 0).sum() + 1 + bad, one + bad, one, keys, torch.full((K,), 1 / K, device=x1.device)
 
     monkeypatch.setattr(cueco, "cueco_loss", loss)
     fails(argv, "NaN", capsys)
@@ -1550,9 +1539,11 @@ def test_a_cluster_without_a_class_is_not_named_after_one(tmp_path, monkeypatch)
     assert sorted(classes) == ["", "a", "b"], shown
 
 
-def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_figures_show_them(tmp_path,
-                                                                                             monkeypatch):
-    """3 classes: C holds K_c + 3 centroids; head_nmi/ari/acc score argmax z.C_K of the test images, computed
+@pytest.mark.parametrize("targets, K_c", [("groups", 0), ("sinkhorn", 4)])
+def test_the_models_own_clusters_are_the_argmax_over_c_k_and_the_figures_show_them(tmp_path, monkeypatch,
+                                                                                   targets, K_c):
+    """3 classes: C holds C_K's 3 centroids, after K_c = 4 under sinkhorn; head_nmi/ari/acc score argmax z.C_K
+    of the test images, computed
     here by hand; the t-SNE's right panel and the gallery show those clusters, the gallery by z; k-means on
     the backbone (nmi) and on z (z_nmi) stay as they were. After training, C_K is set to the z of one test
     image of each class, so that the own clusters differ from any other rows' (a tiny network's z are alike)."""
@@ -1564,7 +1555,7 @@ def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_fig
         with torch.no_grad():
             f_test = cueco.features(model.encoder_q.backbone, data, torch.device("cpu"))[1]
             z = F.normalize(model.encoder_q.projector(f_test), dim=1)
-            model.encoder_q.C[4:] = z[[0, 8, 16]]
+            model.encoder_q.C[-3:] = z[[0, 8, 16]]
         seen.update(model=model, data=data, f_test=f_test, z=z)
         return feats
 
@@ -1573,11 +1564,11 @@ def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_fig
                         seen.update(tsne=(clusters, what)))
     monkeypatch.setattr(cueco, "cluster_exemplars", lambda f, c: seen.update(gallery=(f, c)) or real_exemplars(f, c))
     final = cueco.main(tiny_args(folder, out, "--epochs", "2", "--tsne-points", "24",   # bf16 on some CPUs:
-                                 "--precision", "fp32", "--device", "cpu"))          # z as computed here
+                                 "--precision", "fp32", "--device", "cpu", "--clu-targets", targets))
     model, data, f_test, z = seen["model"], seen["data"], seen["f_test"], seen["z"]
     with torch.no_grad():
-        own = (z @ F.normalize(model.encoder_q.C[4:], dim=1).t()).argmax(1)
-    assert model.encoder_q.C.shape == (4 + 3, 16) and own[[0, 8, 16]].tolist() == [0, 1, 2]
+        own = (z @ F.normalize(model.encoder_q.C[K_c:], dim=1).t()).argmax(1)
+    assert model.encoder_q.C.shape == (K_c + 3, 16) and own[[0, 8, 16]].tolist() == [0, 1, 2]
     for k, v in cueco.cluster_metrics(own, data.test_y).items():
         assert final["head_" + k] == pytest.approx(v)
     assert final["nmi"] == pytest.approx(cueco.cluster_metrics(cueco.kmeans(f_test, 3), data.test_y)["nmi"])
@@ -1587,13 +1578,16 @@ def test_the_models_own_clusters_are_the_argmax_over_the_second_head_and_the_fig
     assert torch.equal(seen["tsne"][0], matched) and "argmax z.C_K" in seen["tsne"][1]
 
 
-@pytest.mark.parametrize("extra", [["--lambda-clu", "0"], ["--head-clusters", "0"]])
-def test_moco_v2_and_head_clusters_0_have_no_second_head(tmp_path, extra):
-    """MoCo-v2 (lambda 0) would not train C_K: no head, C and every later draw as before the head existed."""
+@pytest.mark.parametrize("extra, rows", [(["--lambda-clu", "0"], 2), (["--head-clusters", "0"], 0)])
+def test_moco_v2_and_head_clusters_0_have_no_own_clusters(tmp_path, extra, rows):
+    """MoCo-v2 (lambda 0) is the same model, C_K included, which it does not train: C stays where it began;
+    --head-clusters 0 has no C_K, and with CLD's groups no C at all. Neither reports head_ metrics."""
     folder = make_folder(tmp_path / "d", n_per_class=8)
     final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--tsne-points", "0", *extra))
-    C = cueco.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["model"]["encoder_q.C"]
-    assert C.shape == (4, 16) and not any(k.startswith("head_") for k in final) and "z_nmi" in final
+    state = cueco.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["model"]
+    record = json.loads((tmp_path / "r" / "metrics.json").read_text())["epochs"][0]
+    assert state["encoder_q.C"].shape == (rows, 16) and torch.equal(state["encoder_q.C"], state["encoder_q.C_start"])
+    assert record["centroids_moved_deg"] == 0 and not any(k.startswith("head_") for k in final) and "z_nmi" in final
 
 
 def test_epochs_zero_evaluates_the_untrained_network(tmp_path, monkeypatch):
@@ -1875,7 +1869,7 @@ def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
     monkeypatch.setattr(torch._C, "_select_conv_backend", lambda *a, **k: torch._C._ConvBackend.Cudnn)
     layers, device = [], torch.device("cuda")
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = to_fake_cuda(cueco.CueCo(width=8, dim=16, num_clusters=10, queue_size=64, bn_splits=2))
+        model = to_fake_cuda(cueco.CueCo(width=8, dim=16, queue_size=64, bn_splits=2, heads=[10]))
         for m in model.modules():
             if isinstance(m, (torch.nn.Conv2d, cueco.SplitBatchNorm)):
                 m.register_forward_hook(lambda mod, inp, out: layers.append(
@@ -1888,7 +1882,7 @@ def test_the_step_on_fake_cuda_tensors(monkeypatch, precision):
             with cueco.autocast(device, precision):
                 loss, l_con, l_clu, keys, shares = cueco.cueco_loss(model, model.encoder_q, x1, x2, 0.1, 0.1,
                                                                     0.05, 1.0)
-                embeddings = [t.dtype for t in model.encoder_q(x1)]   # z [N, D] and z.C [N, K_c]
+                embeddings = [t.dtype for t in model.encoder_q(x1)]   # z [N, D] and z.C [N, K]
             model.momentum_update(0.99)
             model.enqueue(keys)
         host = data._replace(train=torch.empty(16, 3, 32, 32, dtype=torch.uint8))   # over --memory-gb
@@ -2024,28 +2018,29 @@ def test_batches_from_host_memory_are_gathered_into_pinned_memory_and_copied_wit
     assert torch.equal(x, images[idx]) and pinned == [True] and copies == [("cuda", True)]
 
 
-@pytest.mark.parametrize("targets, first", [("groups", 64), ("sinkhorn", 0)])
-def test_how_far_the_centroids_moved_and_how_many_are_used_is_logged_as_it_is(tmp_path, monkeypatch, targets, first):
-    """Each epoch's record: the mean angle between C and its start (from the checkpoint, by hand; C_K's alone
-    where CLD's groups leave C's first K_c unused) and the share of centroids that some query of the epoch
+@pytest.mark.parametrize("targets, rows", [("groups", 16), ("sinkhorn", 64 + 16)])
+def test_how_far_the_centroids_moved_and_how_many_are_used_is_logged_as_it_is(tmp_path, monkeypatch, targets, rows):
+    """Each epoch's record: the mean angle between C (C_K, and the K_c centroids before it under sinkhorn)
+    and its start, from the checkpoint by hand, and the share of C_K's centroids that some query of the epoch
     was nearest to (step i's queries made to pick centroids 2i and 2i + 1: an untrained network's queries all
     pick the same few)."""
     real, shares = cueco.cueco_loss, []
 
     def spy(*args, **kw):
         out = real(*args, **kw)
-        shares.append(torch.zeros(64).index_fill_(0, torch.tensor([2 * len(shares), 2 * len(shares) + 1]), 0.5))
+        shares.append(torch.zeros(16).index_fill_(0, torch.tensor([2 * len(shares), 2 * len(shares) + 1]), 0.5))
         return (*out[:4], shares[-1])
 
     monkeypatch.setattr(cueco, "cueco_loss", spy)
     folder, out = make_folder(tmp_path / "d", n_per_class=16), tmp_path / "r"
     cueco.main(tiny_args(folder, out, "--epochs", "1", "--tsne-points", "0", "--num-clusters", "64",
-                         "--clu-targets", targets, "--device", "cpu"))   # the spy's shares are on the CPU
+                         "--head-clusters", "16", "--clu-targets", targets, "--device", "cpu"))   # spy: CPU
     record = json.loads((out / "metrics.json").read_text())["epochs"][0]
     state = cueco.load_checkpoint(str(out / "checkpoint.pt"))["model"]
     C, start = state["encoder_q.C"].double(), state["encoder_q.C_start"].double()
     angles = [math.degrees(math.acos(min(1.0, (a @ b).item() / (a.norm() * b.norm()).item())))
-              for a, b in zip(C[first:], start[first:])]
-    assert 0 < record["centroids_moved_deg"] == pytest.approx(sum(angles) / len(angles), rel=1e-4)
-    assert len(shares) == 4 and record["centroids_used"] == 8 / 64   # the epoch's, not its last step's
+              for a, b in zip(C, start)]
+    assert len(C) == rows and 0 < record["centroids_moved_deg"] == pytest.approx(sum(angles) / len(angles), rel=1e-4)
+    assert len(shares) == 4 and record["centroids_used"] == 8 / 16   # the epoch's, not its last step's
+    assert record["num_clusters"] == 16   # the dashed uniform share of the curves' last panel
     assert torch.equal(state["encoder_q.C_start"], state["encoder_k.C_start"])   # the start, not moved
