@@ -402,8 +402,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
         # resumed run draws exactly what the uninterrupted one would have
         torch.manual_seed(args.seed * 1009 + epoch)
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster share: on the device
-        used = torch.zeros(model.heads[-1] if model.heads else args.num_clusters, dtype=torch.bool,
-                           device=device)   # the clusters of `shares` nearest to a query
+        used = torch.zeros((), dtype=torch.bool, device=device)   # grows to shares' [K]: clusters in use
         t0, mark = time.time(), None   # mark: the time and step of the epoch's first progress line
         views = epoch_views(data, epoch, args.batch_size, args.seed, device, size)
         for step, (x1, x2) in enumerate(views):
@@ -425,7 +424,7 @@ def train(args, model: CueCo, encoder_q: nn.Module, optimizer, scaler, data, dev
             model.enqueue(keys)
 
             sums += torch.stack([loss.detach(), l_con, l_clu, shares.max()])
-            used |= shares > 0
+            used = used | (shares > 0)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 avg = (sums / (step + 1)).tolist()   # the epoch's means so far: one host sync
                 if not all(map(math.isfinite, avg)):

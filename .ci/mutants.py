@@ -45,7 +45,7 @@ MUTANTS = [
      "perm = torch.randperm(len(data.train), generator=order, device=data.train.device)",
      "perm = torch.arange(len(data.train), device=data.train.device)"),
     ("the same order every epoch", "manual_seed(seed + epoch)", "manual_seed(seed)"),
-    ("centroids in use counted on the last step only", "used |= shares > 0", "used = shares > 0"),
+    ("centroids in use counted on the last step only", "used = used | (shares > 0)", "used = shares > 0"),
     ("the centroids' movement in radians", "moved = torch.rad2deg(2 * torch.asin(", "moved = (2 * torch.asin("),
     # the views
     ("crops of 0.5-1 of the image", "area = H * W * (0.2 + 0.8 * u(b, 10))", "area = H * W * (0.5 + 0.5 * u(b, 10))"),
