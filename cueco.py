@@ -747,12 +747,11 @@ PRESETS = {"full": {}, "gpu": {"epochs": 200},
 def build_parser() -> argparse.ArgumentParser:
     presets = "; ".join(f"{name} = " + (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                                       or "as shown") for name, d in PRESETS.items())
-    p = argparse.ArgumentParser(prog="cueco.py", description="CueCo self-supervised learning, one file",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="The defaults shown are the full preset's, the parser's own. --preset "
-                                       "auto lays the gpu preset over them on a CUDA GPU and the laptop preset "
-                                       "elsewhere; a flag you give wins over any preset, and --resume restores "
-                                       f"the run's own settings. Presets: {presets}.")
+    p = argparse.ArgumentParser(prog="cueco.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="CueCo self-supervised learning in one file. The defaults shown are "
+                                "the full preset's: --preset auto lays the gpu preset over them on a CUDA GPU, the "
+                                "laptop preset elsewhere. A flag you give wins over any preset.",
+                                epilog=f"Presets: {presets}. --resume restores the run's own settings.")
     a = p.add_argument_group("preset").add_argument
     a("--preset", default="auto", choices=["auto", *PRESETS],
       help="defaults that flags you give override: auto = gpu on a CUDA GPU, else laptop")
@@ -855,7 +854,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_line(args) -> str:
     """A run's first line: the preset and why, the values it set, and the values the user set."""
     why = {"full": "the MoCo notebook's 800 epochs", "gpu": "a CUDA GPU; the full run: --preset full",
-           "laptop": "no CUDA GPU: about an hour on 2 cores; the full run: --preset full"}
+           "laptop": "no CUDA GPU: 16 short epochs, under an hour on 2 cores; the full run: --preset full"}
     flags = lambda d: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()) or "none"   # noqa: E731
     defaults = {**vars(build_parser().parse_args([])), **PRESETS[args.preset]}
     yours = {k: v for k, v in vars(args).items() if k not in ("preset", "data_dir", "out", "compile", "resume")

@@ -1208,12 +1208,14 @@ def test_a_run_records_its_preset_and_resume_restores_it_on_any_device(tmp_path,
     argv[argv.index("full")] = "auto"
     cueco.main(argv)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("preset laptop (no CUDA GPU: about an hour on 2 cores; the full run: --preset full): "
+    assert out[0].startswith("preset laptop (no CUDA GPU: 16 short epochs, under an hour on 2 cores; the full run: "
+                             "--preset full): "
                              "--width 16 --batch-size 256 --epochs 16 --view-scale 0.75 --eval-every 4; yours: ")
     yours = out[0].split("; yours: ")[1].split(" | ")[0]
     assert "--width 4" in yours and "--epochs 2" in yours and "--view-scale 0.5" in yours
     assert "--lr" not in yours and "--preset" not in yours and re.search(r"\| cpu, (fp32|bf16) \(.+\), eager$", out[0])
-    assert out[-1] == f"wrote metrics.json and checkpoint.pt to {tmp_path / 'r'}, the figures to {tmp_path / 'r' / 'fig'}"
+    out_dir, fig_dir = tmp_path / "r", tmp_path / "r" / "fig"
+    assert out[-1] == f"wrote metrics.json and checkpoint.pt to {out_dir}, the figures to {fig_dir}"
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["args"]["preset"] == "laptop" and saved["args"]["view_scale"] == 0.5
     assert saved["args"]["head_clusters"] == 2 and saved["args"]["num_groups"] == 4
@@ -2155,14 +2157,15 @@ def test_every_flag_the_readmes_guide_names_is_one_that_help_lists():
 
 def test_the_gpu_check_runs_at_toy_size_on_the_cpu(tmp_path):
     """.ci/gpu-check, which a session with a GPU runs once, works end to end at toy size on the CPU: the
-    speed part (eager, compiled), the accuracy part with its evaluation, metrics.json and the figures in $OUT."""
+    speed part (eager, compiled, a profile), the accuracy part with its evaluation, metrics.json and the
+    figures in $OUT."""
     folder = make_folder(tmp_path / "d", n_per_class=16)
     env = {**os.environ, "CUECO_GPU_CHECK_TOY": "1", "CUECO_GPU_CHECK_DATA": folder, "OUT": str(tmp_path / "out")}
     r = subprocess.run([sys.executable, os.path.join(HERE, ".ci", "gpu-check")], env=env, capture_output=True,
                        text=True, timeout=600, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for words in ("device:", "eager:", "compiled:", "img/s", "peak", "kNN by epoch:", "linear probe",
-                  "k-means NMI", "own clusters NMI"):
+    for words in ("device:", "eager:", "compiled:", "img/s", "peak", "where 10 eager steps spend their time",
+                  "kNN by epoch:", "linear probe", "k-means NMI", "own clusters NMI"):
         assert words in r.stdout, (words, r.stdout[-3000:])
     written = os.listdir(tmp_path / "out")
     assert "metrics.json" in written and {"tsne_d.png", "curves_d.png", "neighbours_d.png"} <= set(written)
