@@ -1352,8 +1352,8 @@ def test_the_steps_convolutions_run_in_the_chosen_precision(tmp_path, monkeypatc
 
 def test_the_step_runs_through_torch_compile_and_reports_its_time_apart(tmp_path, monkeypatch, capsys):
     """--compile: torch.compile receives the whole model (the networks and the losses), every step calls what
-    it returned, the first line says so, and the first step's time (compiling, on a pretend clock: 100 s)
-    is reported apart, left out of the epoch's seconds and the time left."""
+    it returned, the first line says so, and the first step's time (compiling, on a pretend clock: 100 s, then
+    1 s a step) is reported apart, left out of the epoch's seconds and the rate that gives the time left."""
     folder, made, calls, clock = make_folder(tmp_path / "d", n_per_class=16), [], [], [0.0]
 
     def compiling(model, **kw):
@@ -1366,12 +1366,12 @@ def test_the_step_runs_through_torch_compile_and_reports_its_time_apart(tmp_path
 
     monkeypatch.setattr(torch, "compile", compiling)
     monkeypatch.setattr(cueco.time, "time", lambda: clock[0])
-    train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "2", "--compile", "--log-every", "1")
+    train_only(monkeypatch, folder, tmp_path / "r", "--epochs", "2", "--compile", "--log-every", "2")
     out = capsys.readouterr().out.splitlines()
     assert len(made) == 1 and isinstance(made[0][0], cueco.CueCo) and len(calls) == 8
     assert out[0].endswith(", compiled") and "compiled the step in 100 s" in out
-    lines = [line for line in out if line.startswith("epoch ") and " step " in line]
-    assert all(line.endswith(f"| 0:00:{7 - i:02d} left") for i, line in enumerate(lines) if i), lines
+    lines = [line for line in out if line.startswith("epoch ") and " step " in line]   # after steps 2, 4, 6, 8
+    assert [line.split("| ")[-1] for line in lines] == [f"0:00:0{s} left" for s in (6, 4, 2, 0)], lines
     epochs = json.loads((tmp_path / "r" / "metrics.json").read_text())["epochs"]
     assert epochs[0]["compile_seconds"] == 100 and epochs[0]["seconds"] == 3 and "compile_seconds" not in epochs[1]
 
@@ -1689,7 +1689,8 @@ def test_a_run_draws_the_nearest_training_images_of_one_test_image_per_class(tmp
     """The fourth figure makes kNN concrete: a row per class, its test image in a grey frame, then its 8
     nearest training images by the cosine of backbone features (brute force here), framed green when they
     share its class and red when not; the row's label counts the green ones."""
-    folder, grids, real = make_folder(tmp_path / "d", n_per_class=12), [], cueco.plot_grid
+    folder, grids, real = make_folder(tmp_path / "d", n_per_class=12, splits=("train",)), [], cueco.plot_grid
+    make_folder(tmp_path / "d", n_per_class=4, splits=("test",))   # test indices are not training indices
     monkeypatch.setattr(cueco, "plot_grid", lambda images, names, path, title="": (
         grids.append((images, names, path)), real(images, names, path, title))[1])
     real_features, feats = cueco.features, []
@@ -1887,6 +1888,21 @@ def test_one_step_in_low_precision_agrees_with_fp32(precision):
     assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item()
     assert (keys * keys32).sum(1).min() > 0.99                                   # cosine of each key
     assert F.cosine_similarity(grad, grad32, dim=0) > 0.95
+
+def test_the_losses_stay_float32_under_autocast(monkeypatch):
+    """Under autocast the networks run in bf16 (or fp16) but the losses do not: each contrastive loss the model
+    computes equals the same loss computed outside autocast from its float32 inputs (bf16 logits / T would
+    be off by about 1e-3)."""
+    model, (x1, x2) = tiny_model(width=8, dim=16, K=64), fixed_views(16, 16)
+    seen, real = [], cueco.contrastive_loss
+    monkeypatch.setattr(cueco, "contrastive_loss", lambda q, k, queue, T: seen.append(
+        (q, k, queue.clone(), T, real(q, k, queue, T))) or seen[-1][-1])
+    with cueco.autocast(torch.device("cpu"), "bf16"):
+        model(x1, x2)
+    assert len(seen) == 2
+    for q, k, queue, T, loss in seen:
+        assert q.dtype == k.dtype == torch.float32 and abs(loss.item() - real(q, k, queue, T).item()) < 1e-5
+
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_the_command_line_trains_in_each_precision(tmp_path, precision, capsys, monkeypatch):
@@ -2135,9 +2151,30 @@ def test_a_device_without_kernels_for_it_fails_at_the_probe_and_names_a_wheel(tm
           capsys)
 
 
-def test_the_training_set_stays_in_host_memory_above_memory_gb(tmp_path, capsys):
-    cueco.main(tiny_args(make_folder(tmp_path / "d", n_per_class=8), tmp_path / "r", "--epochs", "0",
-                         "--tsne-points", "0", "--memory-gb", "0", "--device", "cpu"))
+def test_the_training_set_goes_to_the_device_only_up_to_memory_gb(tmp_path, monkeypatch, capsys):
+    """The training images are copied to the device when they fit in --memory-gb, else they stay in host
+    memory (a pretend GPU: the run stops where it places them), and the data line says where they are."""
+    class Placed(Exception):
+        pass
+
+    placed, real_to = [], torch.Tensor.to
+
+    def to(self, *a, **kw):
+        if self.dtype == torch.uint8 and self.dim() == 4 and len(self) == 16:   # the 16 training images
+            placed.append(str(a[0] if a else kw["device"]))
+            raise Placed
+        return real_to(self, *a, **kw)
+
+    folder = make_folder(tmp_path / "d", n_per_class=8)
+    monkeypatch.setattr(cueco, "setup_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(cueco, "pick_precision", lambda device, precision="auto": ("fp32", "pretended"))
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for gb in ("0", "4"):
+        with pytest.raises(Placed):
+            cueco.run(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--memory-gb", gb, "--no-compile"))
+    assert placed == ["cpu", "cuda"]
+    monkeypatch.undo()
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0", "--device", "cpu"))
     assert "training images on cpu (0.0 GB)" in capsys.readouterr().out
 
 
