@@ -159,9 +159,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(mean_run.view(s, c).mean(0))   # the groups' statistics, averaged
             self.running_var.copy_(var_run.view(s, c).mean(0))
         else:   # channels_last (CUDA), where that fold would copy: each group's statistics directly
-            g = x.view(n // s, s, c, h, w)                             # g: [N/s, s, C, H, W], a view
-            var, mean = torch.var_mean(g.float(), dim=(0, 3, 4), correction=0, keepdim=True)   # [1, s, C, 1, 1]
-            y = (g.float() - mean) * torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1, 1) \
+            g = x.view(n // s, s, c, h, w).float()                     # g: [N/s, s, C, H, W], float32
+            var, mean = torch.var_mean(g, dim=(0, 3, 4), correction=0, keepdim=True)   # [1, s, C, 1, 1]
+            y = (g - mean) * torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1, 1) \
                 + self.bias.view(1, 1, c, 1, 1)                        # y: [N/s, s, C, H, W]
             y = y.to(x.dtype).view(n, c, h, w)
             with torch.no_grad():   # as F.batch_norm: the unbiased variance, then the groups' mean

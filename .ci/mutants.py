@@ -144,4 +144,6 @@ MUTANTS = [
     ("the folders made by the parser's caller after the data", "    make_dirs(args)   # first", "    pass   # first"),
     ("an older checkpoint's format not named", 'if fmt.startswith("cueco-checkpoint") and fmt != CHECKPOINT_FORMAT:',
      "if False:"),
+    ("channels_last split batch norm with the unbiased variance", "torch.var_mean(g, dim=(0, 3, 4), correction=0,",
+     "torch.var_mean(g, dim=(0, 3, 4), correction=1,"),
 ]
