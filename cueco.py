@@ -15,18 +15,15 @@ keys. For the query q of one view of an image and the key k+ of its other view:
       L_clu = (L_cen + L_grp) / 2;  argmax_c q.C is the model's own cluster of an image
   L = L_con(q1, k2) + L_con(q2, k1) + lambda * (L_clu(q1; k2, view 2's queries) + L_clu(q2; k1, view 1's))
 
-Ours, not the paper's: all of L_clu (SwAV's Sinkhorn on C, kept in the encoder so that the key network has
-a slow copy; CLD's batch groups on z; K_c = the number of classes, C at 10 times the learning rate, eps
-0.05, G = 100, tau 0.2), lambda = 1, raised once an epoch to its full value at half-time (lambda = 0 is
-MoCo-v2), and the gpu and laptop presets. The rest is the MoCo CIFAR-10 notebook's recipe
-(facebookresearch/moco) with MoCo-v2's crops and MLP head.
-
-Sections: 1 augmentation, 2 the query/key pair, 3 the losses, 4 the step and the loop, 5 evaluation, 6
-clustering metrics and t-SNE, 7 figures; after the lesson, 8 data, 9 command line, 10 plumbing, 11 main.
+Ours, not the paper's: all of L_clu (SwAV's Sinkhorn on C, which lives in the encoder so that the key
+network has a slow copy; CLD's batch groups on z; K_c = the number of classes, C at 10 times the learning
+rate, eps 0.05, G = 100, tau 0.2), lambda = 1 reached in equal steps at half-time, and the gpu, laptop and
+lab presets. L_clu is a plug-in: CueCo(clustering_loss=f) or main(clustering_loss=f), f(q1, q2, k1, k2,
+model) -> a scalar. The rest is the MoCo CIFAR-10 notebook's recipe with MoCo-v2's crops and MLP head.
 
     python cueco.py --dataset cifar10                   # a CUDA GPU: 200 epochs; else the laptop preset
-    python cueco.py --dataset cifar10 --lambda-clu 0    # MoCo-v2, to compare
-    python -m pytest -q test_cueco.py                   # the tests; README.md: results and options
+    python cueco.py --dataset cifar10 --lambda-clu 0    # MoCo-v2, to compare; --preset lab: minutes a run
+    python -m pytest -q test_cueco.py                   # the tests; README.md: results, exercises, options
 """
 import argparse
 import collections
@@ -35,7 +32,7 @@ import functools
 import json
 import math
 import os
-import pickle
+import pathlib
 import random
 import sys
 import time
@@ -49,17 +46,23 @@ from torchvision.transforms import v2
 
 
 class CueCoError(Exception):
-    """A problem with the user's input or machine: one line on stderr, exit status 2, no traceback."""
+    """A problem with the command line's input or machine: one line on stderr, exit status 2, no traceback."""
+
+def expect(ok: bool, where: str, expected: str, *got, error=ValueError):
+    """Wrong input to a reusable piece, in one line: what `where` expected, and the dtype and shape it got."""
+    if not ok:
+        seen = ", ".join(f"{str(x.dtype)[6:]} {list(x.shape)}" if torch.is_tensor(x) else type(x).__name__ for x in got)
+        raise error(f"{where} expected {expected}, got {seen}")
 
 # ======================== 1. Augmentation: two random views of each image of a batch ========================
 def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.Random) -> torch.Tensor:
-    """A random view of each image of a batch, uint8 [B, 3, H, W] -> normalised float [B, 3, size, size] on
-    x's device, by MoCo-v2's recipe, which torchvision draws one image at a time (the tests compare them):
-        RandomResizedCrop(size, scale=(0.2, 1)), RandomHorizontalFlip(), RandomApply([ColorJitter(0.4, 0.4,
-        0.4, 0.1)], p=0.8), RandomGrayscale(p=0.2), for images above 64 px (ImageNet's recipe) RandomApply(
-        [GaussianBlur(about size / 10, sigma=(0.1, 2))], p=0.5), Normalize(the data's mean and std).
-    A whole batch on the device, so that a GPU never waits for CPU workers: g draws every per-image number
-    there in one call, rng the per-batch ones on the host (the order of the jitter's parts, the blur's sigma)."""
+    """A random view of each image of a batch, uint8 [B, 3, H, W] -> normalised float [B, 3, size, size] on x's
+    device, by MoCo-v2's recipe as torchvision draws it image by image (the tests compare): RandomResizedCrop(size,
+    scale=(0.2, 1)), RandomHorizontalFlip(), RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), RandomGrayscale(
+    p=0.2), above 64 px RandomApply([GaussianBlur(~size/10, sigma=(0.1, 2))], p=0.5), Normalize. A batch at once on
+    the device: g draws every per-image number there, rng the per-batch ones (the jitter's order, the blur's sigma)."""
+    expect(torch.is_tensor(x) and x.dtype == torch.uint8, "augment", "uint8 images [B, 3, H, W]", x, error=TypeError)
+    expect(x.dim() == 4 and x.shape[1] == 3, "augment", "uint8 images [B, 3, H, W]", x)
     b, H, W = x.shape[0], x.shape[2], x.shape[3]
     blur = H > 64
     u = torch.rand((29 + blur) * b, device=x.device, generator=g)      # u: [29 B] (30 B with blur), U(0, 1)
@@ -116,9 +119,8 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.R
 
 def norm_stats(size: int):
     """Per-channel mean and std: CIFAR's for images up to 64 px, ImageNet's for larger ones."""
-    if size <= 64:
-        return (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cifar = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    return cifar if size <= 64 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def normalize(x: torch.Tensor, size: int) -> torch.Tensor:
     mean, std = norm_stats(size)
@@ -149,25 +151,15 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.num_splits = num_splits
     def forward(self, x):
         (n, c, h, w), s = x.shape, self.num_splits
-        if not self.training or s == 1 or n % s:
+        expect(not self.training or n % s == 0, "SplitBatchNorm", f"a training batch of a multiple of {s}", x)
+        if not self.training or s == 1:
             return super().forward(x)
-        if x.is_contiguous():   # NCHW: the groups folded into the channels, [N, C, H, W] -> [N/s, C*s, H, W],
-            # a view, and one F.batch_norm; group j holds samples j, j+s, j+2s, ...
-            mean_run, var_run = self.running_mean.repeat(s), self.running_var.repeat(s)
-            y = F.batch_norm(x.reshape(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
-                             self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
-            self.running_mean.copy_(mean_run.view(s, c).mean(0))   # the groups' statistics, averaged
-            self.running_var.copy_(var_run.view(s, c).mean(0))
-        else:   # channels_last (CUDA), where that fold would copy: each group's statistics directly
-            g = x.view(n // s, s, c, h, w).float()                     # g: [N/s, s, C, H, W], float32
-            var, mean = torch.var_mean(g, dim=(0, 3, 4), correction=0, keepdim=True)   # [1, s, C, 1, 1]
-            y = (g - mean) * torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1, 1) \
-                + self.bias.view(1, 1, c, 1, 1)                        # y: [N/s, s, C, H, W]
-            y = y.to(x.dtype).view(n, c, h, w)
-            with torch.no_grad():   # as F.batch_norm: the unbiased variance, then the groups' mean
-                m = n // s * h * w
-                self.running_mean.lerp_(mean.view(s, c).mean(0), self.momentum)
-                self.running_var.lerp_(var.view(s, c).mean(0) * m / max(1, m - 1), self.momentum)
+        # the s groups folded into the channels, [N, C, H, W] -> [N/s, C*s, H, W]: group j holds j, j+s, ...
+        mean_run, var_run = self.running_mean.repeat(s), self.running_var.repeat(s)
+        y = F.batch_norm(x.reshape(n // s, c * s, h, w), mean_run, var_run, self.weight.repeat(s),
+                         self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
+        self.running_mean.copy_(mean_run.view(s, c).mean(0))   # the groups' statistics, averaged
+        self.running_var.copy_(var_run.view(s, c).mean(0))
         self.num_batches_tracked.add_(1)   # in place, the form nn.BatchNorm and compilers use
         return y
 
@@ -196,11 +188,13 @@ class ResNet18(nn.Module):
             c_in = c_out
         self.layers, self.out_dim = nn.Sequential(*blocks), c_in
     def forward(self, x):
+        expect(x.is_floating_point(), "ResNet18", "normalised float images [N, 3, S, S]", x, error=TypeError)
+        expect(x.dim() == 4 and x.shape[1] == 3, "ResNet18", "images [N, 3, S, S]", x)
         return torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)   # [N, 8*width]
 
 class Encoder(nn.Module):
-    """Backbone -> MLP head -> unit-length z [N, D], and z's cosines with the K_c centroids C [N, K_c]. C
-    lives in the encoder (ours), so that the key network, a moving average, holds a slow copy of it."""
+    """Backbone -> MLP head -> unit-length z [N, D]. It also holds the K_c centroids C [K_c, D] (ours), so
+    that the key network, a moving average of this one, holds a slow copy of them."""
     def __init__(self, width: int, dim: int, cifar_stem: bool, bn_splits: int, K_c: int):
         super().__init__()
         self.backbone = ResNet18(width, cifar_stem, bn_splits)
@@ -208,18 +202,17 @@ class Encoder(nn.Module):
         self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, dim))   # MoCo-v2's
         self.C = nn.Parameter(F.normalize(torch.randn(K_c, dim), dim=1))  # C: [K_c, D]; K_c = 0: none
     def forward(self, x):
-        h = self.projector(self.backbone(x))                                   # h: [N, D]
-        with torch.autocast(x.device.type, enabled=False):   # float32 whatever the autocast
-            z = F.normalize(h.float(), dim=1)                                  # z: [N, D]
-            return z, z @ F.normalize(self.C.float(), dim=1).t()               # z.C: [N, K_c]
+        return F.normalize(self.projector(self.backbone(x)).float(), dim=1)   # z: [N, D], float32 in any autocast
 
 class CueCo(nn.Module):
     """encoder_q, its momentum copy encoder_k and the queue of K keys; forward(x1, x2) computes the loss's
-    parts for two views of a batch. K_c = 0 and G = 0 (no centroids, no groups) is MoCo-v2."""
+    parts for two views of a batch. clustering_loss(q1, q2, k1, k2, model) -> a scalar is L_clu, the piece
+    to swap (None: ours, cueco_clustering_loss, which with K_c = 0 and G = 0 is 0: MoCo-v2)."""
     def __init__(self, width=64, dim=128, K=4096, K_c=10, G=100, T=0.1, tau=0.2, eps=0.05, cifar_stem=True,
-                 bn_splits=8):
+                 bn_splits=8, clustering_loss=None):
         super().__init__()
         self.K_c, self.G, self.T, self.tau, self.eps = K_c, G, T, tau, eps
+        self.clustering_loss = clustering_loss or cueco_clustering_loss
         self.encoder_q = Encoder(width, dim, cifar_stem, bn_splits, K_c)
         self.encoder_k = Encoder(width, dim, cifar_stem, bn_splits, K_c)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())   # theta_k = theta_q to begin with
@@ -227,31 +220,21 @@ class CueCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))   # queue: [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        """L_con and L_clu (their mean over the two views' pairings) for views x1, x2 [N, 3, S, S] of one batch;
-        the keys to enqueue [2N, D]; the view-1 queries' cosines with C [N, K_c], for the loop's monitors."""
-        q1, s1 = self.encoder_q(x1)                                    # q1: [N, D], s1: [N, K_c]
-        q2, s2 = self.encoder_q(x2)                                    # q2: [N, D], s2: [N, K_c]
-        k1, t1 = self.keys(x1)                                         # k1: [N, D], t1: [N, K_c]; no gradient
-        k2, t2 = self.keys(x2)                                         # k2: [N, D], t2: [N, K_c]
+        """For views x1, x2 [N, 3, S, S] of one batch: L_con, summed over the two pairings (q1 with k2, q2 with
+        k1); L_clu, clustering_loss's value; the keys to enqueue [2N, D]; the view-1 queries [N, D]."""
+        q1, q2 = self.encoder_q(x1), self.encoder_q(x2)               # q1, q2: [N, D], unit length
+        k1, k2 = self.keys(x1), self.keys(x2)                         # k1, k2: [N, D], no gradient
         with torch.autocast(x1.device.type, enabled=False):   # logits / T and / tau need float32
             l_con = contrastive_loss(q1, k2, self.queue, self.T) + contrastive_loss(q2, k1, self.queue, self.T)
-            l_clu, terms = q1.new_zeros(()), 0                         # a scalar: the terms' mean
-            if self.K_c:   # L_cen: each query predicts the balanced assignment of the other view's key to C
-                l_clu = centroid_loss(s1, t2, self.tau, self.eps) + centroid_loss(s2, t1, self.tau, self.eps)
-                terms += 1
-            if self.G:   # L_grp: each query finds its image's group among the other view's queries
-                (m1, g2), (m2, g1) = batch_groups(q1, q2, self.G), batch_groups(q2, q1, self.G)   # [N, G], [N]
-                l_clu = l_clu + F.cross_entropy(m1 / self.tau, g2) + F.cross_entropy(m2 / self.tau, g1)
-                terms += 1
-        return l_con, l_clu / max(1, terms), torch.cat([k1, k2]), s1
+            l_clu = self.clustering_loss(q1, q2, k1, k2, self)        # a scalar
+        expect(torch.is_tensor(l_clu) and l_clu.dim() == 0, self.clustering_loss.__name__, "to return a scalar", l_clu)
+        return l_con, l_clu, torch.cat([k1, k2]), q1
     @torch.no_grad()
-    def keys(self, x: torch.Tensor):
-        """Keys [N, D] and cosines with C [N, K_c] of images x [N, 3, S, S], encoded in a random order of the
-        batch, so that a key meets other images in its batch-norm group than its query did; then unshuffled."""
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys [N, D] of images x [N, 3, S, S], encoded in a random order of the batch, so that a key meets
+        other images in its batch-norm group than its query did; then put back in x's order."""
         idx = torch.randperm(len(x), device=x.device)                  # idx: [N]
-        k, s = self.encoder_k(x[idx])                                  # k: [N, D], s: [N, K_c]
-        back = torch.argsort(idx)                                      # back: [N]
-        return k[back], s[back]
+        return self.encoder_k(x[idx])[torch.argsort(idx)]             # k: [N, D]
     @torch.no_grad()
     def momentum_update(self, m: float):
         """theta_k <- m theta_k + (1 - m) theta_q, C included: with m near 1 the keys in the queue, made over
@@ -260,7 +243,9 @@ class CueCo(nn.Module):
             p_k.lerp_(p_q, 1 - m)                                      # p_k + (1 - m) (p_q - p_k)
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor):
-        """Replace the oldest keys of the queue by k [B, D]."""
+        """Replace the oldest keys of the queue by k [B, D], B <= K."""
+        K, D = self.queue.shape
+        expect(k.dim() == 2 and k.shape[1] == D and len(k) <= K, "enqueue", f"at most K={K} keys [B, {D}]", k)
         idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % len(self.queue)   # idx: [B]
         self.queue[idx] = k.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(k)) % len(self.queue))
@@ -269,6 +254,8 @@ class CueCo(nn.Module):
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
     """InfoNCE, L_con = -log exp(q.k+/T) / (exp(q.k+/T) + sum_j exp(q.queue_j/T)): a cross-entropy
     over 1+K logits whose class 0, the positive key, is right. q, k: [N, D], queue: [K, D], unit length."""
+    expect(q.dim() == 2 and q.shape == k.shape and queue.dim() == 2 and queue.shape[1] == q.shape[1],
+           "contrastive_loss", "q, k [N, D] and queue [K, D]", q, k, queue)
     l_pos = (q * k).sum(dim=1, keepdim=True)                           # l_pos: [N, 1]
     l_neg = q @ queue.t()                                              # l_neg: [N, K]
     logits = torch.cat([l_pos, l_neg], dim=1) / T                      # logits: [N, 1+K]
@@ -280,6 +267,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     """Balanced soft assignment (Sinkhorn-Knopp, as SwAV): scores [N, K_c] -> Q [N, K_c], each row
     summing to 1, each cluster taking 1/K_c of the batch. Ours, over CoKe's minimal cluster size: both forbid
     one cluster for all, but Sinkhorn is stateless; its price, equal sizes per batch, suits balanced data."""
+    expect(scores.dim() == 2, "sinkhorn", "scores [N, K_c]", scores)
     logits = scores.float().t() / eps                                  # logits: [K_c, N]
     Q = torch.exp(logits - logits.max())                               # Q: [K_c, N], no overflow
     K_c, N = Q.shape
@@ -292,6 +280,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
 def centroid_loss(s_q: torch.Tensor, s_k: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
     """Ours: L_cen = -sum_c Q(k+)_c log softmax(q.C / tau)_c, the batch's mean: the query predicts its key's
     balanced assignment. s_q, s_k: [N, K_c], query's and key's cosines with C (gradient: to q and C)."""
+    expect(s_q.dim() == 2 and s_q.shape == s_k.shape, "centroid_loss", "s_q, s_k [N, K_c] of one shape", s_q, s_k)
     Q = sinkhorn(s_k, eps)                                             # Q: [N, K_c]
     log_p = F.log_softmax(s_q.float() / tau, dim=1)                    # log_p: [N, K_c]
     return -(Q * log_p).sum(dim=1).mean()                              # a scalar
@@ -300,38 +289,65 @@ def batch_groups(q: torch.Tensor, z: torch.Tensor, G: int, iters: int = 5):
     """CLD's targets (Wang et al., CVPR 2021; ours: on z, spherical): k-means of the other view's batch
     z [N, D] into G groups, 5 Lloyd steps from its first G (the batch is in random order). Returns q's
     cosines with the groups' unit means [N, G] (gradient: to q and, as CLD's, z), each image's group [N]."""
+    expect(q.dim() == 2 and q.shape == z.shape, "batch_groups", "q, z [N, D] of one shape", q, z)
     M = z.detach()[:G]                                                 # M: [G, D]
     for _ in range(iters):
         g = (z.detach() @ M.t()).argmax(dim=1)                         # g: [N]
         M = F.normalize(F.one_hot(g, G).to(z.dtype).t() @ z.detach(), dim=1)   # M: [G, D]; empty: 0
     return q @ F.normalize(F.one_hot(g, G).to(z.dtype).t() @ z, dim=1).t(), g   # [N, G], [N]
 
+def cosines(z: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """z [N, D] against the centroids C [K_c, D], unit length: [N, K_c]; argmax is an image's own cluster."""
+    return z @ F.normalize(C.float(), dim=1).t()                      # z.C: [N, K_c]
+
+def cueco_clustering_loss(q1, q2, k1, k2, model) -> torch.Tensor:
+    """Ours: L_clu = (L_cen + L_grp) / 2, each term over both pairings (view 1's queries against view 2's targets
+    and back); one term if K_c or G is 0, none (0) if both are. Any clustering loss gets the queries q1, q2 [N, D]
+    (gradient), keys k1, k2 [N, D] (none) and the model (C: model.encoder_q.C, its slow copy model.encoder_k.C)."""
+    l_clu, terms = q1.new_zeros(()), 0
+    if model.K_c:   # L_cen: each query predicts the balanced assignment of the other view's key to C
+        C_q, C_k = model.encoder_q.C, model.encoder_k.C                # [K_c, D] each
+        l_clu = centroid_loss(cosines(q1, C_q), cosines(k2, C_k), model.tau, model.eps) \
+            + centroid_loss(cosines(q2, C_q), cosines(k1, C_k), model.tau, model.eps)
+        terms += 1
+    if model.G:   # L_grp: each query finds its image's group among the other view's queries
+        (m1, g2), (m2, g1) = batch_groups(q1, q2, model.G), batch_groups(q2, q1, model.G)   # [N, G], [N]
+        l_clu = l_clu + F.cross_entropy(m1 / model.tau, g2) + F.cross_entropy(m2 / model.tau, g1)
+        terms += 1
+    return l_clu / max(1, terms)                                       # a scalar
+
 # ===================================== 4. The step and the loop =====================================
-def train_step(model: CueCo, optimizer, scaler, x1: torch.Tensor, x2: torch.Tensor, lam: float, m: float, forward=None):
-    """MoCo's Algorithm 1 with the clustering term: two views x1, x2 [N, 3, S, S] of a batch -> L -> SGD on
-    encoder_q -> momentum update of encoder_k -> enqueue. forward: model, or the same under autocast and
-    torch.compile (make_forward). Returns L, L_con, L_clu and the view-1 queries' cosines with C [N, K_c]."""
-    l_con, l_clu, k, s1 = (forward or model)(x1, x2)                   # k: [2N, D], s1: [N, K_c]
+def train_step(model: CueCo, optimizer, scaler, x1: torch.Tensor, x2: torch.Tensor, lam: float, m: float,
+               forward=None):
+    """MoCo's Algorithm 1 with the clustering term: two views x1, x2 [N, 3, S, S] of a batch -> L -> SGD on encoder_q
+    -> momentum update of encoder_k -> enqueue. scaler: a GradScaler for fp16, or None. forward: what computes
+    model(x1, x2), or None (the script passes make_forward's). Returns L, L_con, L_clu, the view-1 queries [N, D]."""
+    l_con, l_clu, k, q1 = (forward or model)(x1, x2)                   # k: [2N, D], q1: [N, D]
     loss = l_con + lam * l_clu                                         # L, a scalar
     optimizer.zero_grad(set_to_none=True)
+    scaler = scaler or torch.amp.GradScaler(enabled=False)   # disabled: a plain backward and step
     scaler.scale(loss).backward()   # fp16: the loss scaled so that small gradients do not underflow
     scaler.step(optimizer)          # SGD on encoder_q and C (with fp16, unscaled first)
     scaler.update()
     model.momentum_update(m)        # theta_k <- m theta_k + (1 - m) theta_q
     model.enqueue(k)                # the 2N newest keys replace the oldest
-    return loss.detach(), l_con.detach(), l_clu.detach(), s1.detach()
+    return loss.detach(), l_con.detach(), l_clu.detach(), q1.detach()
 
 def clustering_weight(lambda_clu: float, epoch: int, epochs: int, clu_warmup: float) -> float:
     """lambda in epoch `epoch` (from 1): lambda * min(1, epoch / (clu_warmup * epochs)). Ours: the clusters
     of early, noisy features are noise, and pulling queries to them fights L_con."""
     return lambda_clu * min(1.0, epoch / (clu_warmup * epochs)) if clu_warmup * epochs else lambda_clu
 
-def make_optimizer(encoder_q: Encoder, lr: float, weight_decay: float, centroid_lr=1.0) -> torch.optim.SGD:
-    """SGD with momentum 0.9; no weight decay on the centroids C, of which only the direction counts, and
-    centroid_lr times the learning rate for them (ours): at 1x they lagged the features."""
-    rest = [p for name, p in encoder_q.named_parameters() if name != "C"]
-    return torch.optim.SGD([{"params": rest}, {"params": [encoder_q.C], "lr": lr * centroid_lr,
-                                               "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=weight_decay)
+def scaled_lr(lr: float, batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al., 2017): --lr is the rate at batch 512."""
+    return lr * batch_size / 512
+
+def make_optimizer(model: CueCo, lr=0.06, weight_decay=5e-4, centroid_lr=10.0) -> torch.optim.SGD:
+    """SGD with momentum 0.9 on encoder_q, at lr (for the batch: scaled_lr); no weight decay on the centroids
+    C, of which only the direction counts, and centroid_lr times lr for them (ours): at 1x they lagged."""
+    rest = [p for name, p in model.encoder_q.named_parameters() if name != "C"]
+    C = {"params": [model.encoder_q.C], "lr": lr * centroid_lr, "weight_decay": 0.0}
+    return torch.optim.SGD([{"params": rest}, C], lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 def cosine_schedule(optimizer, total_steps: int, done_steps: int = 0):
     """Each group's learning rate times (1 + cos(pi t / total_steps)) / 2 at step t, from its own to 0; a
@@ -353,21 +369,18 @@ def epoch_views(images: torch.Tensor, epoch: int, batch_size: int, seed: int, de
 def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, device, precision: str, history: list):
     """Epochs len(history)+1 .. args.epochs of train_step, each ending with its record in history and metrics.json,
     the kNN monitor and a checkpoint. Returns the last epoch's features (train, test) if it extracted them."""
-    # Smaller views (--view-scale) cost about (S / H)^2 of a full step and lose little: random crops enlarge
-    # objects, so 3/4-size views show them about as large as whole test images do (FixRes, Touvron 2019).
+    # --view-scale 0.75 costs (3/4)^2 of a step and loses little: crops enlarge objects (FixRes, Touvron 2019)
     steps, size = len(data.train) // args.batch_size, round(args.view_scale * data.image_size)
     last_save, feats, compiling = time.time(), None, args.compile
     for epoch in range(len(history) + 1, args.epochs + 1):
         model.train()
         lam = clustering_weight(args.lambda_clu, epoch, args.epochs, args.clu_warmup)
         torch.manual_seed(args.seed * 1009 + epoch)   # the key shuffles: a resumed run draws the same
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         sums = torch.zeros(4, device=device)   # L, L_con, L_clu, largest cluster's share: on the device
         t0, mark, record = time.time(), None, {"epoch": epoch}   # mark: time and step of the first progress line
         for step, (x1, x2) in enumerate(epoch_views(data.train, epoch, args.batch_size, args.seed, device, size)):
-            lr = optimizer.param_groups[0]["lr"]
-            loss, l_con, l_clu, s = train_step(model, optimizer, scaler, x1, x2, lam, args.key_momentum, forward)
+            lr, C = optimizer.param_groups[0]["lr"], model.encoder_q.C.detach().clone()   # C: as the step meets it
+            loss, l_con, l_clu, q1 = train_step(model, optimizer, scaler, x1, x2, lam, args.key_momentum, forward)
             scheduler.step()
             if compiling:   # the run's first step compiled the forward: reported apart, out of the rate
                 loss.item()   # waits for the device
@@ -376,15 +389,16 @@ def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, devic
                 print(f"compiled the step in {record['compile_seconds']:.0f} s")
             largest = torch.zeros((), device=device)   # the largest share of the batch that one centroid has
             if model.K_c:                              # (nearest to its view-1 queries): 1 is a collapse
+                s = cosines(q1, C)                                             # s: [N, K_c]
                 largest = (s == s.max(dim=1, keepdim=True).values).float().mean(0).max()
             sums += torch.stack([loss, l_con, l_clu, largest])
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 avg = (sums / (step + 1)).tolist()   # the epoch's means so far: one host sync
                 if not all(map(math.isfinite, avg)):
-                    raise CueCoError(f"the loss became NaN/inf in epoch {epoch}; the last checkpoint "
+                    part = "L_con" if math.isfinite(avg[2]) else f"L_clu, from {model.clustering_loss.__name__}"
+                    raise CueCoError(f"the loss became NaN/inf in epoch {epoch} ({part}); the last checkpoint "
                                      f"is kept in {args.out}; try a lower --lr")
-                # the rate since the epoch's first progress line, not slowed by what came before it (cuDNN's
-                # autotuning, the kNN monitor, the last checkpoint)
+                # the rate since the epoch's first progress line, not slowed by cuDNN's autotuning before it
                 (t_from, s_from), now = mark or (t0, 0), time.time()
                 per_step, mark = (now - t_from) / max(1, step + 1 - s_from), mark or (now, step + 1)
                 left = datetime.timedelta(seconds=round(((args.epochs - epoch + 1) * steps - step - 1) * per_step))
@@ -394,17 +408,16 @@ def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, devic
                       f"{args.batch_size / max(per_step, 1e-9):.0f} img/s | {left} left")
 
         seconds, avg = time.time() - t0, (sums / steps).tolist()
-        record.update(view_size=size, loss=avg[0], loss_contrastive=avg[1], loss_clustering=avg[2],
-                      lambda_clu=lam, lr=lr, img_per_s=steps * args.batch_size / seconds, seconds=seconds)
-        if model.K_c:
-            record["max_cluster_share"] = avg[3]
+        record.update(view_size=size, loss=avg[0], loss_contrastive=avg[1], loss_clustering=avg[2], lambda_clu=lam,
+                      lr=lr, img_per_s=steps * args.batch_size / seconds, seconds=seconds,
+                      **({"max_cluster_share": avg[3]} if model.K_c else {}))   # the own clusters' only
         if device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30   # the run's so far
         if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
             f_train, f_test = features(model.encoder_q.backbone, data, device, precision)
             record["knn"] = knn_accuracy(f_train, data.train_y, f_test, data.test_y)
             feats = (f_train, f_test) if epoch == args.epochs else None
-            print(f"epoch {epoch}: kNN top-1 {record['knn']:.2f}% ({seconds:.1f} s)")
+            print(f"epoch {epoch}: kNN top-1 {record['knn']:.2f}% (the epoch trained in {seconds:.1f} s)")
         history.append(record)
         write_json(os.path.join(args.out, "metrics.json"), {"args": vars(args), "epochs": history})
         if time.time() - last_save >= 60 * args.save_minutes or epoch == args.epochs:
@@ -416,8 +429,8 @@ def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, devic
 # ============================ 5. Evaluation: weighted kNN, linear probe ============================
 @torch.no_grad()
 def features(backbone: nn.Module, data, device, precision="fp32", batch_size=512):
-    """Backbone features (float32, on `device`) of the unaugmented training and test images. Leaves the
-    backbone in eval mode (batch norm from running statistics); `train` switches back each epoch."""
+    """Backbone features (float32, on `device`) of the unaugmented training and test images, in eval mode (batch
+    norm from running statistics), in which it leaves the backbone: `train` switches back each epoch."""
     backbone.eval()
     with autocast(device, precision):   # uint8 [N, 3, S, S] -> [N, F], a batch at a time
         return [torch.cat([backbone(normalize(x.to(device).float() / 255, data.image_size)).float()
@@ -440,6 +453,18 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, chunk=1024) -> 
         correct += (votes.argmax(dim=1) == test_y[i:i + chunk]).sum().item()
     return 100.0 * correct / len(test_x)
 
+@torch.no_grad()
+def class_geometry(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """The paper's two claims, for features x [N, F] of classes y [N]: compactness, the mean cosine of each x_i with
+    its class's mean direction mu_y (1: a point); separation, the mean cosine of two classes' mu (lower: apart)."""
+    x = F.normalize(x.float(), dim=1)                                  # x: [N, F]
+    y = y.to(x.device).unique(return_inverse=True)[1]                  # y: [N], classes 0..C-1
+    mu = F.normalize(F.one_hot(y).to(x.dtype).t() @ x, dim=1)          # mu: [C, F]
+    cos, C = mu @ mu.t(), len(mu)                                      # cos: [C, C]
+    separation = (cos.sum() - cos.diagonal().sum()) / max(1, C * (C - 1))   # the mean over c != c'
+    return (x * mu[y]).sum(1).mean().item(), separation.item()         # mean_i cos(x_i, mu_{y_i}), separation
+
+@torch.enable_grad()   # also when called under no_grad, as report() is
 def linear_probe(train_x, train_y, test_x, test_y, epochs=100, batch_size=256, lr=1e-2, seed=0) -> float:
     """Top-1 (%) of a linear layer on frozen, standardised features: seconds; the usual protocol
     (100 epochs of augmented images) scores a little higher."""
@@ -534,7 +559,6 @@ def cluster_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
         return -(c[c > 0] / n * torch.log(c[c > 0] / n)).sum()
     def pairs(c):
         return (c * (c - 1) / 2).sum()
-
     h_sum = entropy(a) + entropy(b)
     nmi = 1.0 if h_sum == 0 else (2 * mi / h_sum).item()               # I / mean(H(P), H(T))
     expected = pairs(a) * pairs(b) / max(1.0, pairs(n.reshape(1)).item())   # the index by chance
@@ -542,17 +566,6 @@ def cluster_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
     ari = 1.0 if top == expected else ((pairs(table) - expected) / (top - expected)).item()
     acc = (match_clusters(pred, target) == target.long().cpu()).double().mean().item()
     return {"nmi": float(nmi), "ari": float(ari), "acc": float(acc)}
-
-@torch.no_grad()
-def cluster_exemplars(f: torch.Tensor, clusters: torch.Tensor, n: int = 10) -> torch.Tensor:
-    """For each cluster of features f [N, F], its n members nearest its centre (cosine), nearest
-    first: indices [k, n], -1 where a cluster has fewer members."""
-    f, k, clusters = F.normalize(f.float(), dim=1), int(clusters.max()) + 1, clusters.to(f.device)
-    centres = torch.zeros(k, f.shape[1], device=f.device).index_add_(0, clusters, f)   # [k, F]
-    sim = f @ F.normalize(centres, dim=1).t()                          # sim: [N, k]
-    sim = sim.masked_fill(F.one_hot(clusters, k) == 0, -2.0)           # members only
-    top = sim.topk(min(n, len(f)), dim=0)                              # [n, k]
-    return torch.where(top.values > -2.0, top.indices, -1).t().cpu()   # [k, n]
 
 @torch.no_grad()
 def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
@@ -599,7 +612,8 @@ def plot_tsne(y, labels, clusters, classes: list, path: str, title: str = "", wh
     for ax, c, name in zip(fig.subplots(1, 2), (labels, clusters), ("true class", what)):
         sc = ax.scatter(y[:, 0].cpu(), y[:, 1].cpu(), c=c.cpu().clamp_min(0), cmap=cmap, s=4, alpha=0.8,
                         linewidths=0, vmin=0, vmax=max(len(classes), 10) - 1)
-        ax.set(title=f"coloured by {name}", xticks=[], yticks=[])
+        ax.set(title=f"coloured by {name}" + ("" if c is labels else ", in its matched class's colour"), xticks=[],
+               yticks=[])
         if name == "true class" and len(classes) <= 20:
             ax.legend(handles=[ax.scatter([], [], color=sc.cmap(sc.norm(i)), s=20, label=cls)
                                for i, cls in enumerate(classes)], fontsize=7, framealpha=0.7)
@@ -622,10 +636,12 @@ def plot_grid(images: list, names: list, path: str, title: str = ""):
     fig.savefig(path, bbox_inches="tight")   # room for the row labels and the title
 
 def plot_curves(history: list, path: str, title: str = "", K_c: int = 0):
-    """The two losses, the kNN monitor and the largest cluster's share of a batch, against the epochs."""
+    """The two losses, the kNN monitor and the largest cluster's share of a batch, against the epochs; shaded:
+    the epochs in which lambda still rises."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(14, 3.8), dpi=110)
-    panels = [("loss_contrastive", "L_con", "contrastive loss", "mean of the epoch's steps"),
+    rising = [h["epoch"] for h in history if h.get("lambda_clu", 0) < max(h.get("lambda_clu", 0) for h in history)]
+    panels = [("loss_contrastive", "L_con", "contrastive loss (both directions)", "mean of the epoch's steps"),
               ("loss_clustering", "L_clu", "clustering loss", "mean of the epoch's steps"),
               ("knn", "top-1 (%)", "kNN monitor on the test set", "every --eval-every epochs, and the last"),
               ("max_cluster_share", "share of a batch", "largest own cluster", "mean of the epoch's steps")]
@@ -634,17 +650,20 @@ def plot_curves(history: list, path: str, title: str = "", K_c: int = 0):
         ax.plot(epochs, [h[key] for h in history if key in h], ".-", label=label)
         if key == "max_cluster_share" and K_c:   # collapse would approach 1; even clusters sit at 1/K_c
             ax.axhline(1 / K_c, ls="--", color="gray", label=f"even split: 1/K_c = 1/{K_c}")
+        if rising:
+            ax.axvspan(0.5, max(rising) + 0.5, color="0.92", label="lambda rising")
+        if key in ("knn", "max_cluster_share"):   # from 0: no exaggerated change
+            ax.set_ylim(bottom=0)
         ax.set(title=name, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)   # whole epochs
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
 
-# ===================== 8. Data sets: CIFAR-10/100 (and CIFAR-20), image folders =====================
-# What a run trains and evaluates on: uint8 images [N, 3, S, S] and labels [N] (the training ones are also
-# the kNN bank and the probe's training set); test_y20: CIFAR-100's 20 superclasses, else None.
-Data = collections.namedtuple("Data", ["train", "train_y", "test", "test_y", "classes", "image_size",
-                                       "test_y20"], defaults=[None])
+# ============================ 8. Data sets: CIFAR-10/100, image folders ============================
+# uint8 images [N, 3, S, S] and labels [N]; the training images are also kNN's bank and the probe's training set
+Data = collections.namedtuple("Data", ["train", "train_y", "test", "test_y", "classes", "image_size"])
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Sorted indices of n samples, drawn reproducibly: round-robin over the classes, each in a random
@@ -695,13 +714,10 @@ def load_folder(root: str, class_list=None, limit_train=0, limit_test=0, image_s
     """An image folder (root/train/<class>/*, root/test/ or root/val/), decoded: images up to 64 px resized
     to image_size (0: their own), larger ones resized to 256 and centre-cropped to image_size (0: 224);
     class_list: a file of the class folders to keep; limit_*: class-balanced subsets (0: all)."""
-    keep = None
-    if class_list:
-        try:
-            with open(class_list) as f:
-                keep = f.read().split()   # one class folder name per line
-        except OSError as e:
-            raise CueCoError(f"cannot read --class-list {class_list}: {e.strerror}") from None
+    try:
+        keep = pathlib.Path(class_list).read_text().split() if class_list else None   # a class folder name a line
+    except OSError as e:
+        raise CueCoError(f"cannot read --class-list {class_list}: {e.strerror}") from None
     test_dir = "test" if os.path.isdir(os.path.join(root, "test")) else "val"   # ImageNet's: val/
     train, classes = scan(os.path.join(root, "train"), keep)
     test, test_classes = scan(os.path.join(root, test_dir), keep)
@@ -723,17 +739,12 @@ def load_cifar(name: str, root: str, limit_train=0, limit_test=0, seed=0) -> Dat
     try:
         sets = [cls(root, train=True, download=True), cls(root, train=False, download=True)]
     except Exception as e:
-        raise CueCoError(f"could not load or download {name} into {root} ({type(e).__name__}: "
-                         f"{str(e)[:80]}); without internet, download {cls.filename} from {cls.url} "
-                         f"elsewhere and put it into {root} by hand, or use --dataset folder") from None
+        raise CueCoError(f"could not load or download {name} into {root} ({type(e).__name__}: {str(e)[:60]}); "
+                         f"offline, put {cls.filename} from {cls.url} there by hand, or use --dataset folder") from None
     xs = [torch.as_tensor(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]   # uint8 [N, 3, 32, 32]
     ys = [torch.as_tensor(s.targets) for s in sets]
     train, test = balanced_subset(ys[0], limit_train, seed), balanced_subset(ys[1], limit_test, seed)
-    if name == "cifar100":   # the coarse labels that CIFAR-100's own test file carries: CIFAR-20's classes
-        with open(os.path.join(root, cls.base_folder, "test"), "rb") as f:
-            y20 = torch.tensor(pickle.load(f, encoding="latin1")["coarse_labels"])[test]
-    return Data(xs[0][train], ys[0][train], xs[1][test], ys[1][test], sets[1].classes, 32,
-                y20 if name == "cifar100" else None)
+    return Data(xs[0][train], ys[0][train], xs[1][test], ys[1][test], sets[1].classes, 32)
 
 # ========================== 9. The command line: flags over a preset's defaults ==========================
 # A preset is a named set of defaults, which flags override. "full" is the parser's own: ResNet-18 at width 64
@@ -742,21 +753,24 @@ def load_cifar(name: str, root: str, limit_train=0, limit_test=0, seed=0) -> Dat
 # kNN at 200 epochs, 89.7% at 800). "laptop" (ours) trains a narrow network on all the images for 16 epochs
 # of 24-px views, in 8 32-px epochs' time.
 PRESETS = {"full": {}, "gpu": {"epochs": 200},
-           "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4}}
+           "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4},
+           "lab": {"width": 8, "batch_size": 256, "epochs": 5, "view_scale": 0.75, "eval_every": 0}}
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, as the script's other errors, not the usage
+        raise CueCoError(f"{message} (python cueco.py --help lists the flags)")
 
 def build_parser() -> argparse.ArgumentParser:
     presets = "; ".join(f"{name} = " + (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                                       or "as shown") for name, d in PRESETS.items())
-    p = argparse.ArgumentParser(prog="cueco.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="CueCo self-supervised learning in one file. The defaults shown are "
-                                "the full preset's: --preset auto lays the gpu preset over them on a CUDA GPU, the "
-                                "laptop preset elsewhere. A flag you give wins over any preset.",
-                                epilog=f"Presets: {presets}. --resume restores the run's own settings.")
+    p = Parser(prog="cueco.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="CueCo self-supervised learning in one file. The defaults shown are the full preset's: "
+               "--preset auto lays the gpu preset over them on a CUDA GPU, the laptop preset elsewhere. A flag you "
+               "give wins over any preset.", epilog=f"Presets: {presets}. --resume restores the run's own settings.")
     a = p.add_argument_group("preset").add_argument
-    a("--preset", default="auto", choices=["auto", *PRESETS],
-      help="defaults that flags you give override: auto = gpu on a CUDA GPU, else laptop")
+    a("--preset", default="auto", choices=["auto", *PRESETS], help="auto = gpu on a CUDA GPU, else laptop")
     a = p.add_argument_group("data").add_argument
-    a("--dataset", default="cifar10", help="cifar10 | cifar100 | folder (train/, test/ or val/)")
+    a("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder"], help="folder: train/, test/ or val/")
     a("--data-dir", default=None, help="where the data set is or is downloaded to (None: data/<dataset>)")
     a("--image-size", type=int, default=0, help="0 = the data's own (32 CIFAR, 224 large images)")
     a("--class-list", default=None, help="file of the class folders to keep, e.g. ImageNet-100 (None: all)")
@@ -770,10 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, default=0.1, help="T of the contrastive loss")
     a("--key-momentum", type=float, default=0.99, help="m of the key network's moving average")
     a("--lambda-clu", type=float, default=1.0, help="lambda, the clustering loss's weight; 0: MoCo-v2 (no C, G)")
-    a("--clu-warmup", type=float, default=0.5, help="lambda rises once an epoch, to its full value at this "
-      "fraction of the epochs")
-    a("--head-clusters", type=int, default=None, help="K_c, centroids C (ours), whose argmax clusters the "
-      "images (None: the number of classes; 0: none)")
+    a("--clu-warmup", type=float, default=0.5, help="lambda rises each epoch to full at this fraction of the run")
+    a("--head-clusters", type=int, default=None, help="K_c, centroids C (ours; None: the number of classes; 0: none)")
     a("--num-groups", type=int, default=100, help="G, CLD's groups of the other view's queries (ours; 0: none)")
     a("--clu-temperature", type=float, default=0.2, help="tau of the clustering softmaxes (ours)")
     a("--sinkhorn-eps", type=float, default=0.05, help="eps of the centroids' balanced assignment (ours)")
@@ -786,20 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--view-scale", type=float, default=1.0, help="training views' side / the images' (ours; evaluation: 1)")
     a("--seed", type=int, default=0, help="seeds the weights, the views, the subsets and the evaluation")
     a("--resume", default=None, help="checkpoint.pt to go on from, its settings the defaults (None: new)")
-    a("--save-minutes", type=float, default=1.0, help="checkpoint at the first epoch's end this long after "
-      "the last, and at the end")
+    a("--save-minutes", type=float, default=1.0, help="checkpoint at an epoch's end this long after the last")
     a = p.add_argument_group("evaluation and output").add_argument
     a("--eval-every", type=int, default=10, help="kNN monitor every N epochs (0: only at the end)")
     a("--tsne-points", type=int, default=2000, help="test images in the t-SNE figure (0 = none)")
     a("--log-every", type=int, default=20, help="steps between progress lines")
     a("--out", default=None, help="checkpoint.pt and metrics.json go here (None: runs/<data>)")
-    a("--figures-dir", default="figures", help="where the t-SNE, cluster, neighbour and curve figures go")
+    a("--figures-dir", default=None, help="where the t-SNE, cluster, neighbour and curve figures go (None: --out)")
     a = p.add_argument_group("machine").add_argument
     a("--device", default="auto", help="auto (CUDA if present, else the CPU) | cpu | cuda | cuda:N | mps")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-      help="auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32 (pick_precision)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the networks and "
-      "losses (None: on CUDA only; decided again on --resume)")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: see pick_precision")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the forward (None: CUDA)")
     a("--memory-gb", type=float, default=4.0, help="largest training set kept on the device (else in host memory)")
     a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="workers decoding folder images")
     return p
@@ -828,11 +837,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.preset = resolve_preset(args)
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.out = args.out or os.path.join("runs", data_name(args))
-    if args.compile is None:   # on a CPU or a Mac it compiles for minutes to gain little
-        args.compile = on_cuda(args)
+    args.figures_dir = args.figures_dir or args.out
+    args.compile = on_cuda(args) if args.compile is None else args.compile   # a CPU compiles for minutes to gain little
 
-    if args.dataset not in ("cifar10", "cifar100", "folder"):
-        raise CueCoError(f"unknown data set '{args.dataset}': choose cifar10, cifar100 or folder")
     rules = [("batch_size width dim queue_size bn_splits log_every lr temperature clu_temperature "
               "sinkhorn_eps", "> 0", lambda v: v > 0),
              ("epochs limit_train limit_test eval_every num_workers image_size tsne_points lambda_clu "
@@ -853,12 +860,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_line(args) -> str:
     """A run's first line: the preset and why, the values it set, and the values the user set."""
-    why = {"full": "the MoCo notebook's 800 epochs", "gpu": "a CUDA GPU; the full run: --preset full",
-           "laptop": "no CUDA GPU: 16 short epochs, under an hour on 2 cores; the full run: --preset full"}
+    why = {"full": "the MoCo notebook's", "gpu": "a CUDA GPU", "laptop": "no CUDA GPU", "lab": "the exercises'"}
     flags = lambda d: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()) or "none"   # noqa: E731
     defaults = {**vars(build_parser().parse_args([])), **PRESETS[args.preset]}
-    yours = {k: v for k, v in vars(args).items() if k not in ("preset", "data_dir", "out", "compile", "resume")
-             and v != defaults[k]}
+    skip = ("preset", "data_dir", "out", "figures_dir", "compile", "resume", "clustering_loss")   # said elsewhere
+    yours = {k: v for k, v in vars(args).items() if k not in skip and v != defaults[k]}
     return f"preset {args.preset} ({why[args.preset]}): {flags(PRESETS[args.preset])}; yours: {flags(yours)}"
 
 # ============ 10. Plumbing: device, memory, precision, compilation, output folders, checkpoints ============
@@ -868,10 +874,8 @@ def setup_device(name: str) -> torch.device:
         # a real kernel, read back, fails here on a GPU this PyTorch build has no code for (allocating passes)
         (torch.ones(2, device=device) * 2).sum().item()
     except Exception as e:
-        msg = str(e).splitlines()[0][:80]
-        if "no kernel image" in msg:   # e.g. a V100 (sm_70) with the cu128/cu130 wheels of torch >= 2.11
-            msg += ("; this PyTorch build has no code for this GPU: install one built for it, e.g. "
-                    "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
+        msg = str(e).strip().splitlines()[0]
+        msg = "not a device's name; valid: auto, cpu, cuda, cuda:N, mps" if "Expected one of" in msg else msg
         raise CueCoError(f"--device {name} cannot be used here ({msg})") from None
     if device.type == "cuda":   # --device cuda:1 is made the current GPU too
         device = torch.device("cuda", device.index or 0)
@@ -882,26 +886,22 @@ def setup_device(name: str) -> torch.device:
 def pick_precision(device, precision: str = "auto") -> tuple:
     """(precision, why). auto: bf16 where native (CUDA 8.0+; CPUs with AVX512-BF16 or AMX), fp16 and a gradient
     scaler on older GPUs (T4, V100), else fp32: other CPUs emulate bf16, 15x slower; MPS fails in both."""
-    if device.type == "mps" and precision in ("bf16", "fp16"):   # PyTorch issues 142397 and 154887
-        raise CueCoError(f"--precision {precision} fails on MPS (the fp16 gradient scaler needs float64, and "
-                         f"batch norm in eval mode under autocast aborts): use --precision fp32")
     if precision != "auto":
         return precision, "--precision"
     if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) >= (8, 0):
-            return "bf16", "native on this GPU"
-        return "fp16", "no native bf16 on this GPU"
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return ("bf16", "native on this GPU") if native else ("fp16", "no native bf16 on this GPU")
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return "bf16", "native on this CPU: AVX512-BF16 or AMX"
     return "fp32", f"no native bf16 on this {device.type.upper()}"
 
 def autocast(device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    device, dtype = torch.device(device), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 def make_forward(model: CueCo, device, precision: str, compile: bool = False):
-    """model(x1, x2) in the run's precision, compiled if asked: the networks and losses, not the optimizer, the
-    momentum update, lambda or the lr (no recompiles). If compiling fails, one line says so; the run goes on."""
+    """model(x1, x2) in the run's precision, compiled if asked (the networks and losses: lambda and the lr never
+    recompile it); if compiling fails, one line says so and the run goes on eagerly."""
     net = torch.compile(model, dynamic=False) if compile else model   # every batch has the same shape
 
     def forward(x1, x2):
@@ -924,14 +924,11 @@ def make_dirs(args):
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise CueCoError(f"{flag} {path} cannot be created ({e.strerror})") from None
-        if not os.access(path, os.W_OK):
-            raise CueCoError(f"{flag} {path} is not writable")
 
 CHECKPOINT_FORMAT = "cueco-checkpoint-v3"   # a new name whenever the model's or the run's state changes
 
 def save_checkpoint(path: str, model, optimizer, scaler, epoch: int, config: dict, history: list):
-    """Written to a temporary file and renamed over the old one: a crash never leaves half a checkpoint.
-    At width 64 it holds 140 MB. The schedule is not saved: it follows from the epoch."""
+    """Written to a temporary file, then renamed: a crash never leaves half a checkpoint (140 MB at width 64)."""
     torch.save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "args": config, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict()}, path + ".tmp")
@@ -946,11 +943,10 @@ def load_checkpoint(path: str, model=None, optimizer=None, scaler=None) -> dict:
         fmt = str(ckpt.get("format")) if isinstance(ckpt, dict) else "none"
     except Exception as e:
         fmt = f"none ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
-    if fmt.startswith("cueco-checkpoint") and fmt != CHECKPOINT_FORMAT:
-        raise CueCoError(f"--resume {path} is a {fmt}, written by another version of cueco.py: finish it with "
-                         f"that version, or start a new run (this one reads {CHECKPOINT_FORMAT})")
     if fmt != CHECKPOINT_FORMAT:
-        raise CueCoError(f"--resume {path} is not a checkpoint of this script (format: {fmt})")
+        raise CueCoError(f"--resume {path} is a {fmt}, written by another version of cueco.py: finish it with that "
+                         f"version, or start a new run" if fmt.startswith("cueco-checkpoint") else
+                         f"--resume {path} is not a checkpoint of this script (format: {fmt})")
     try:
         if model is not None:
             model.load_state_dict(ckpt["model"])
@@ -968,8 +964,12 @@ def write_json(path: str, obj):
     os.replace(path + ".tmp", path)
 
 # =============== 11. Main: data, model, resume, train, evaluate, figures, metrics.json ===============
-def run(argv=None) -> dict:
-    args = parse_args(argv)
+def run(argv=None, clustering_loss=None) -> dict:
+    args, loss_fn = parse_args(argv), clustering_loss or cueco_clustering_loss
+    if getattr(args, "clustering_loss", loss_fn.__name__) != loss_fn.__name__:   # --resume: the run's own
+        raise CueCoError(f"--resume {args.resume} trained with the clustering loss {args.clustering_loss}: pass "
+                         f"it again, main(argv, clustering_loss={args.clustering_loss})")
+    args.clustering_loss = loss_fn.__name__   # in metrics.json and the checkpoint
     make_dirs(args)   # first: an unwritable --out or --figures-dir is found before any data loads
     device = setup_device(args.device)
     precision, why = pick_precision(device, args.precision)
@@ -991,28 +991,25 @@ def run(argv=None) -> dict:
     elif args.head_clusters is None:
         args.head_clusters = len(data.classes)
     model = CueCo(args.width, args.dim, args.queue_size, args.head_clusters, args.num_groups, args.temperature,
-                  args.clu_temperature, args.sinkhorn_eps, data.image_size <= 64, args.bn_splits).to(device)
-    if device.type == "cuda":   # the layout in which tensor cores run convolutions without transposes
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.encoder_q, args.lr * args.batch_size / 512, args.weight_decay, args.centroid_lr)
+                  args.clu_temperature, args.sinkhorn_eps, data.image_size <= 64, args.bn_splits, loss_fn).to(device)
+    optimizer = make_optimizer(model, scaled_lr(args.lr, args.batch_size), args.weight_decay, args.centroid_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")   # fp16 gradients underflow
     history = []
     if args.resume:
         history = load_checkpoint(args.resume, model, optimizer, scaler)["history"]
-        print(f"resumed from {args.resume} at epoch {len(history)}")
     steps = len(data.train) // args.batch_size
     scheduler = cosine_schedule(optimizer, args.epochs * steps, len(history) * steps)
     forward = make_forward(model, device, precision, args.compile)
-    print(f"{method_name(args)} on {data_name(args)}: {len(data.train)} train, {len(data.test_y)} test images, "
-          f"{data.image_size} px, ResNet-18 width {args.width}, training images on {data.train.device} ({gb:.1f} GB)")
+    print(f"{method_name(args)} on {data_name(args)} ({len(data.train)} train, {len(data.test_y)} test images of "
+          f"{data.image_size} px, the training set on {data.train.device}, {gb:.1f} GB): ResNet-18 width {args.width}, "
+          f"epochs {len(history) + 1} to {args.epochs} of {steps} steps of {args.batch_size} images")
 
     try:
         feats = train(args, model, optimizer, scheduler, scaler, forward, data, device, precision, history)
         return report(args, model, data, device, precision, history, feats)
     except (KeyboardInterrupt, torch.cuda.OutOfMemoryError) as e:   # one line, and how to go on
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else (
-            f"out of memory on {device} at --batch-size {args.batch_size}, --width {args.width}: try "
-            f"--batch-size {args.batch_size // 2} or --preset laptop")
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"out of memory on {device}: try --batch-size {args.batch_size // 2} or a smaller --width"
         path = os.path.join(args.out, "checkpoint.pt")
         if not os.path.isfile(path):
             raise CueCoError(f"{what}; no checkpoint yet (see --save-minutes)") from None
@@ -1022,30 +1019,25 @@ def run(argv=None) -> dict:
                          f"python cueco.py --resume {path}") from None
 
 def method_name(args) -> str:
-    return "CueCo" if args.lambda_clu else "MoCo-v2 (lambda_clu 0)"
+    plugin = "" if args.clustering_loss == "cueco_clustering_loss" else f" with {args.clustering_loss}"
+    return f"CueCo{plugin}" if args.lambda_clu else "MoCo-v2 (lambda_clu 0)"
 
 @torch.no_grad()
 def report(args, model, data, device, precision, history, feats=None) -> dict:
-    """kNN, linear probe, NMI/ARI/ACC of k-means on the backbone's features (CIFAR-20's: suffix 20) and of
+    """kNN, linear probe, compactness and separation, NMI/ARI/ACC of k-means on the backbone's features and of
     the own clusters (head_); the figures; metrics.json. feats: the last epoch's features, if any."""
     f_train, f_test = feats or features(model.encoder_q.backbone, data, device, precision)
     final = {"knn": knn_accuracy(f_train, data.train_y, f_test, data.test_y)}
-    with torch.enable_grad():
-        final["linear"] = linear_probe(f_train, data.train_y, f_test, data.test_y, seed=args.seed)
+    final["linear"] = linear_probe(f_train, data.train_y, f_test, data.test_y, seed=args.seed)
+    final["compactness"], final["separation"] = class_geometry(f_test, data.test_y)
     clusters = kmeans(f_test, len(data.classes), seed=args.seed)       # clusters: [N_test]
     final.update(cluster_metrics(clusters, data.test_y))
-    if data.test_y20 is not None:   # CIFAR-100's 20 superclasses
-        coarse = cluster_metrics(kmeans(f_test, 20, seed=args.seed), data.test_y20)
-        final.update({k + "20": v for k, v in coarse.items()})
     z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
     own = model.K_c > 0   # the model's own clusters: each test image's nearest centroid
     if own:
-        clusters = (z @ F.normalize(model.encoder_q.C.float(), dim=1).t()).argmax(dim=1)   # clusters: [N_test]
+        clusters = cosines(z, model.encoder_q.C).argmax(dim=1)        # clusters: [N_test]
         final.update({"head_" + k: v for k, v in cluster_metrics(clusters, data.test_y).items()})
-        final["largest_head_cluster"] = largest = torch.bincount(clusters).max().item() / len(clusters)
-        if largest > 0.5:
-            print(f"warning: the own clusters collapsed: one holds {largest:.0%} of the test images (an even "
-                  f"split: {1 / model.K_c:.0%}); the features' metrics are unaffected")
+        final["largest_head_cluster"] = torch.bincount(clusters).max().item() / len(clusters)   # 1: collapsed
 
     name, what = data_name(args), "own cluster (argmax z.C)" if own else "k-means cluster"
     title = f"{method_name(args)} on {name}, epoch {len(history)}"
@@ -1054,41 +1046,48 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
     if args.tsne_points:
         idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0)   # idx: [n]
         emb = tsne(f_test[idx.to(device)], seed=args.seed)             # emb: [n, 2]
-        nmi = (f"own clusters' NMI {final['head_nmi']:.3f}, k-means' " if own else "k-means' NMI ") + \
-            f"{final['nmi']:.3f}"
+        nmi = final["head_nmi" if own else "nmi"]
         plot_tsne(emb, data.test_y[idx], matched[idx], data.classes, path("tsne"),
-                  f"{title}: kNN {final['knn']:.1f}%, {nmi} ({len(idx)} test images)", what)
-    # what the network groups without labels: for each cluster (up to 20), the images nearest its centre
-    rows = cluster_exemplars(z if own else f_test, clusters)[:20].tolist()   # rows: [<=20, 10]
-    cls = [int(matched[row[0]]) if row[0] >= 0 else -1 for row in rows]      # negative: no class left
-    names = [f"{int((clusters == c).sum())} ~ {data.classes[k] if k >= 0 else ''}" for c, k in enumerate(cls)]
-    plot_grid([[data.test[i] if i >= 0 else None for i in row] for row in rows], names, path("clusters"),
-              f"{title}\nthe test images nearest the centre of each {what}; left: its size ~ its matched class")
+                  f"{title}: t-SNE of {len(idx)} test images' backbone features; the clusters' NMI {nmi:.3f}", what)
+    # what the network groups without labels: the largest clusters (up to 20), each by 10 of its test images spread
+    # evenly over it, named by its size and the share of its most common class
+    (table, ids, labels), rows, names = contingency(clusters, data.test_y), [], []   # table: [P, classes]
+    for i in table.sum(1).argsort(descending=True)[:20].tolist():     # clusters with members, largest first
+        members = (clusters.cpu() == ids[i]).nonzero()[:, 0]           # members: [n_i], in the test set's order
+        shown = members[torch.linspace(0, len(members) - 1, min(10, len(members))).long()].tolist()
+        rows.append([data.test[j] for j in shown] + [None] * (10 - len(shown)))
+        names.append(f"{table[i].sum():.0f}: {table[i].max() / table[i].sum():.0%} "
+                     f"{data.classes[labels[table[i].argmax()]]}")
+    plot_grid(rows, names, path("clusters"), f"{title}\n10 test images of each {what}, largest first; left: its "
+              f"size: the share of its most common class")
     # kNN made concrete: one test image of each class (up to 10), then its 8 nearest training images
-    frame = lambda x, rgb: torch.stack([F.pad(x[c], [2] * 4, value=rgb[c]) for c in range(3)])   # noqa: E731
+    frame = lambda x, v: torch.stack([F.pad(x[c], [2] * 4, value=v[c]) for c in range(3)])   # noqa: E731
     pick = balanced_subset(data.test_y, min(10, len(data.classes)), seed=args.seed).tolist()
     sim = F.normalize(f_test[pick], dim=1) @ F.normalize(f_train, dim=1).t()   # sim: [n, N], cosines
     near = sim.topk(min(8, len(f_train)), dim=1).indices.cpu()         # near: [n, 8], as kNN's voters
     hits = (data.train_y[near] == data.test_y[pick][:, None]).tolist() # hits: [n, 8]
-    rows = [[frame(data.test[i], (128, 128, 128))] + [frame(data.train[j].cpu(), (0, 150, 0) if hit else
-            (220, 0, 0)) for j, hit in zip(row, hit_row)] for i, row, hit_row in zip(pick, near.tolist(), hits)]
-    plot_grid(rows, [f"{data.classes[data.test_y[i]]}: {sum(h)}/{len(h)}" for i, h in zip(pick, hits)],
-              path("neighbours"), f"{title}\na test image (grey), then its nearest training images by the cosine "
-              f"of backbone features: green of its class, red not; left: class, neighbours of it")
+    rows = [[frame(data.test[i], (128, 128, 128))] + [frame(data.train[j].cpu(), (0, 60, 200) if hit else
+            (255, 255, 255)) for j, hit in zip(row, hit_row)] for i, row, hit_row in zip(pick, near.tolist(), hits)]
+    plot_grid(rows, [f"{data.classes[data.test_y[i]]}: {sum(h)} of {len(h)}" for i, h in zip(pick, hits)],
+              path("neighbours"), f"{title}\none random test image per class (grey frame), then its nearest training "
+              f"images by the backbone's features: framed if of its class; left: its class, how many are")
     if history:
-        plot_curves(history, path("curves"), f"{title} (lambda {args.lambda_clu}, warm-up {args.clu_warmup}, "
-                    f"K_c {model.K_c}, G {model.G})", model.K_c)
+        plot_curves(history, path("curves"), f"{title}: clustering weight lambda {args.lambda_clu}, "
+                    f"{model.K_c} centroids, {model.G} groups", model.K_c)
     write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), epochs=history, final=final))
     scores = lambda p, s="": ", ".join(f"{m.upper()} {final[p + m + s]:.3f}" for m in ("nmi", "ari", "acc"))  # noqa
-    print(f"final: kNN {final['knn']:.2f}%, linear probe {final['linear']:.2f}% | k-means of the backbone's "
-          f"features: {scores('')}" + (f" | own clusters (argmax z.C): {scores('head_')}" if own else ""))
+    print(f"final: kNN {final['knn']:.2f}%, linear probe {final['linear']:.2f}%, compactness "
+          f"{final['compactness']:.3f}, separation {final['separation']:.3f} | k-means of the backbone's "
+          f"features: {scores('')}" + (f" | own clusters (argmax z.C): {scores('head_')}, the largest "
+                                       f"{final['largest_head_cluster']:.0%}" if own else ""))
     print(f"wrote metrics.json and checkpoint.pt to {args.out}, the figures to {args.figures_dir}")
     return final
 
-def main(argv=None) -> dict:
-    """Returns the final metrics; a user error is one line on stderr, exit status 2 (130 after Ctrl-C)."""
+def main(argv=None, clustering_loss=None) -> dict:
+    """The whole script for argv (None: sys.argv), with your clustering_loss(q1, q2, k1, k2, model) if given.
+    Returns the final metrics; a user error is one line on stderr, exit status 2 (130 after Ctrl-C)."""
     try:
-        return run(argv)
+        return run(argv, clustering_loss)
     except CueCoError as e:   # raised in a DataLoader worker, it arrives inside a traceback's text
         msg = str(e).strip().splitlines()[-1].split("CueCoError: ", 1)[-1]
         print(f"cueco.py: error: {msg}", file=sys.stderr)
