@@ -1080,7 +1080,8 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
           f"{final['compactness']:.3f}, separation {final['separation']:.3f} | k-means of the backbone's "
           f"features: {scores('')}" + (f" | own clusters (argmax z.C): {scores('head_')}, the largest "
                                        f"{final['largest_head_cluster']:.0%}" if own else ""))
-    print(f"wrote metrics.json and checkpoint.pt to {args.out}, the figures to {args.figures_dir}")
+    saved = " and checkpoint.pt" if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ""
+    print(f"wrote metrics.json{saved} to {args.out}, the figures to {args.figures_dir}")
     return final
 
 def main(argv=None, clustering_loss=None) -> dict:

@@ -1701,13 +1701,15 @@ def test_moco_v2_has_no_centroids_and_no_groups(tmp_path, monkeypatch, extra, ro
     assert any(k.startswith("head_") for k in final) == bool(rows)
 
 
-def test_epochs_zero_evaluates_the_untrained_network(tmp_path, monkeypatch):
+def test_epochs_zero_evaluates_the_untrained_network(tmp_path, monkeypatch, capsys):
+    """No training, no checkpoint: the last line does not claim one."""
     folder, steps = make_folder(tmp_path / "d", n_per_class=8), []
     monkeypatch.setattr(cueco, "train_step", lambda *a, **k: steps.append(1))
     final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0"))
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert steps == [] and metrics["epochs"] == [] and metrics["final"] == final
-    assert set(final) >= {"knn", "linear", "nmi", "ari", "acc"}
+    assert set(final) >= {"knn", "linear", "nmi", "ari", "acc"} and not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote metrics.json to {tmp_path / 'r'}, the figures")
 
 
 def test_features_improve_over_the_untrained_network_on_real_cifar(cifar_dir, tmp_path):
@@ -2394,9 +2396,10 @@ def test_every_run_reports_compactness_and_separation_of_the_test_features(tmp_p
     seen = []
     real = cueco.class_geometry
     monkeypatch.setattr(cueco, "class_geometry", lambda x, y: seen.append((x.shape, y.shape)) or real(x, y))
-    folder = make_folder(tmp_path / "d", n_per_class=8)
+    folder = make_folder(tmp_path / "d", n_per_class=12, splits=("train",))
+    make_folder(tmp_path / "d", n_per_class=4, splits=("test",))
     final = cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "0", "--tsne-points", "0"))
-    assert seen == [((16, 32), (16,))]   # the 16 test images' backbone features, kNN's
+    assert seen == [((8, 32), (8,))]   # the 8 test images' backbone features, kNN's (not the 24 training ones)
     last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final:")][0]
     assert f"compactness {final['compactness']:.3f}, separation {final['separation']:.3f}" in last
 
@@ -2406,3 +2409,14 @@ def test_the_lab_preset():
     assert cueco.PRESETS["lab"] == {"width": 8, "batch_size": 256, "epochs": 5, "view_scale": 0.75, "eval_every": 0}
     args = cueco.parse_args(["--preset", "lab", "--seed", "1"])
     assert (args.width, args.epochs, args.eval_every, args.lambda_clu, args.out) == (8, 5, 0, 1.0, "runs/cifar10")
+
+
+def test_the_readmes_reuse_snippet_loads_a_checkpoint_and_gives_backbone_features(tmp_path):
+    """The README's lines that load checkpoint.pt and take the backbone's features run as written."""
+    folder = make_folder(tmp_path / "d", n_per_class=8)
+    cueco.main(tiny_args(folder, tmp_path / "r", "--epochs", "1", "--tsne-points", "0"))
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "load_state_dict" in b)
+    namespace = {}
+    exec(block.replace("runs/cifar10/checkpoint.pt", str(tmp_path / "r" / "checkpoint.pt")), namespace)
+    assert namespace["features"].shape == (4, 8 * 4)   # width 4
