@@ -1070,7 +1070,7 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
             (255, 255, 255)) for j, hit in zip(row, hit_row)] for i, row, hit_row in zip(pick, near.tolist(), hits)]
     plot_grid(rows, [f"{data.classes[data.test_y[i]]}: {sum(h)} of {len(h)}" for i, h in zip(pick, hits)],
               path("neighbours"), f"{title}\none random test image per class (grey frame), then its nearest training "
-              f"images by the backbone's features: framed if of its class; left: its class, how many are")
+              f"images by the backbone's features, framed if of its class; left: its class, how many of 8 share it")
     if history:
         plot_curves(history, path("curves"), f"{title}: clustering weight lambda {args.lambda_clu}, "
                     f"{model.K_c} centroids, {model.G} groups", model.K_c)
