@@ -8,15 +8,15 @@ keys. For the query q of one view of an image and the key k+ of its other view:
   contrastive loss, separates instances (InfoNCE, as in MoCo):
       L_con = -log( exp(q.k+ / T) / (exp(q.k+ / T) + sum_{j=1..K} exp(q.queue_j / T)) )
   clustering loss, pulls each cluster together (OURS: the paper publishes no formula), two terms:
-      centroids: K_c learned unit vectors C; Q(k+) = Sinkhorn(k+.C / eps), the key's soft assignment to C
-          with each centroid taking 1/K_c of the batch;   L_cen = -sum_c Q(k+)_c log softmax(q.C / tau)_c
+      centroids: K_c learned directions C (C_k: encoder_k's slow copy); Q(k+) = Sinkhorn(k+.C_k / eps), the key's
+          soft assignment, each centroid taking 1/K_c of the batch;   L_cen = -sum_c Q(k+)_c log softmax(q.C / tau)_c
       groups: g = the image's group among the G groups that k-means finds in the other view's batch of
           queries, M the groups' unit means;              L_grp = -log softmax(q.M / tau)_g
       L_clu = (L_cen + L_grp) / 2;  argmax_c q.C is the model's own cluster of an image
   L = L_con(q1, k2) + L_con(q2, k1) + lambda * (L_clu(q1; k2, view 2's queries) + L_clu(q2; k1, view 1's))
 
 Ours, not the paper's: all of L_clu (SwAV's Sinkhorn on C, which lives in the encoder so that the key
-network has a slow copy; CLD's batch groups on z; K_c = the number of classes, C at 10 times the learning
+network has a slow copy; CLD's k-means groups of a batch; K_c = the number of classes, C at 10 times the learning
 rate, eps 0.05, G = 100, tau 0.2), lambda = 1 reached in equal steps at half-time, and the gpu, laptop and
 lab presets. L_clu is a plug-in: CueCo(clustering_loss=f) or main(clustering_loss=f), f(q1, q2, k1, k2,
 model) -> a scalar. The rest is the MoCo CIFAR-10 notebook's recipe with MoCo-v2's crops and MLP head.
@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from matplotlib.figure import Figure   # matplotlib's object API: no global state, no display needed
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
@@ -54,7 +55,7 @@ def expect(ok: bool, where: str, expected: str, *got, error=ValueError):
         seen = ", ".join(f"{str(x.dtype)[6:]} {list(x.shape)}" if torch.is_tensor(x) else type(x).__name__ for x in got)
         raise error(f"{where} expected {expected}, got {seen}")
 
-# ======================== 1. Augmentation: two random views of each image of a batch ========================
+# ============ 1. Augmentation: two random views of each image, which share only what it shows ============
 def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.Random) -> torch.Tensor:
     """A random view of each image of a batch, uint8 [B, 3, H, W] -> normalised float [B, 3, size, size] on x's
     device, by MoCo-v2's recipe as torchvision draws it image by image (the tests compare): RandomResizedCrop(size,
@@ -111,7 +112,7 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.R
             x = shift_hue(x, hue)
     x = torch.where(gray_u.view(b, 1, 1, 1) < 0.2, grayscale(x).expand_as(x), x)   # grayscale, p = 0.2
 
-    if blur:   # p = 0.5 per image, sigma ~ U(0.1, 2) per batch; an odd kernel (MoCo-v2: 23 px at 224)
+    if blur:   # p = 0.5 per image, sigma ~ U(0.1, 2) per batch; an odd kernel, SimCLR's 10% of the side (23 px at 224)
         sigma, kernel = rng.uniform(0.1, 2.0), max(3, int(0.1 * size) // 2 * 2 + 1)
         blurred = v2.functional.gaussian_blur(x, [kernel, kernel], [sigma, sigma])   # [B, 3, S, S]
         x = torch.where(blur_u[0].view(b, 1, 1, 1) < 0.5, blurred, x)
@@ -144,8 +145,9 @@ def shift_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
 
 # ================ 2. The query/key pair: ResNet-18 encoders, the momentum update, the queue ================
 class SplitBatchNorm(nn.BatchNorm2d):
-    """Batch norm over `num_splits` groups of a batch, as if each were on its own GPU (MoCo's CIFAR-10
-    notebook): with the keys shuffled, a query and its key meet other images' statistics (~4 points)."""
+    """Batch norm over `num_splits` groups of a batch, as if each were on its own GPU (MoCo's CIFAR-10 notebook).
+    With the keys shuffled (CueCo.keys), a query and its key are normalised with different images, so the pair cannot
+    be told apart by batch statistics they share: without that shuffle, the notebook loses 4% kNN at 800 epochs."""
     def __init__(self, num_features: int, num_splits: int):
         super().__init__(num_features)
         self.num_splits = num_splits
@@ -169,7 +171,7 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), bn(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), bn(c_out)
         self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
+        if stride != 1 or c_in != c_out:   # the sum needs x in the block's output shape: a 1x1 conv
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), bn(c_out))
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -237,8 +239,8 @@ class CueCo(nn.Module):
         return self.encoder_k(x[idx])[torch.argsort(idx)]             # k: [N, D]
     @torch.no_grad()
     def momentum_update(self, m: float):
-        """theta_k <- m theta_k + (1 - m) theta_q, C included: with m near 1 the keys in the queue, made over
-        the last few hundred steps, stay comparable. Batch norm's running statistics stay the key network's."""
+        """theta_k <- m theta_k + (1 - m) theta_q over the parameters, C included, not batch norm's statistics: with m
+        near 1 encoder_k changes slowly, so the keys in the queue, made over its last K / 2N steps, stay comparable."""
         for p_k, p_q in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
             p_k.lerp_(p_q, 1 - m)                                      # p_k + (1 - m) (p_q - p_k)
     @torch.no_grad()
@@ -264,9 +266,9 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: f
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
-    """Balanced soft assignment (Sinkhorn-Knopp, as SwAV): scores [N, K_c] -> Q [N, K_c], each row
-    summing to 1, each cluster taking 1/K_c of the batch. Ours, over CoKe's minimal cluster size: both forbid
-    one cluster for all, but Sinkhorn is stateless; its price, equal sizes per batch, suits balanced data."""
+    """Balanced soft assignment (Sinkhorn-Knopp, as SwAV): scores [N, K_c] -> Q [N, K_c], each row summing to 1,
+    each cluster taking 1/K_c of the batch. Ours, over the minimal cluster size of CoKe (Qian et al., CVPR 2022):
+    both forbid one cluster for all, but Sinkhorn is stateless; its price, equal sizes per batch, fits balanced data."""
     expect(scores.dim() == 2, "sinkhorn", "scores [N, K_c]", scores)
     logits = scores.float().t() / eps                                  # logits: [K_c, N]
     Q = torch.exp(logits - logits.max())                               # Q: [K_c, N], no overflow
@@ -311,8 +313,8 @@ def cueco_clustering_loss(q1, q2, k1, k2, model) -> torch.Tensor:
             + centroid_loss(cosines(q2, C_q), cosines(k1, C_k), model.tau, model.eps)
         terms += 1
     if model.G:   # L_grp: each query finds its image's group among the other view's queries
-        (m1, g2), (m2, g1) = batch_groups(q1, q2, model.G), batch_groups(q2, q1, model.G)   # [N, G], [N]
-        l_clu = l_clu + F.cross_entropy(m1 / model.tau, g2) + F.cross_entropy(m2 / model.tau, g1)
+        (s1, g2), (s2, g1) = batch_groups(q1, q2, model.G), batch_groups(q2, q1, model.G)   # [N, G], [N]
+        l_clu = l_clu + F.cross_entropy(s1 / model.tau, g2) + F.cross_entropy(s2 / model.tau, g1)
         terms += 1
     return l_clu / max(1, terms)                                       # a scalar
 
@@ -343,8 +345,8 @@ def scaled_lr(lr: float, batch_size: int) -> float:
     return lr * batch_size / 512
 
 def make_optimizer(model: CueCo, lr=0.06, weight_decay=5e-4, centroid_lr=10.0) -> torch.optim.SGD:
-    """SGD with momentum 0.9 on encoder_q, at lr (for the batch: scaled_lr); no weight decay on the centroids
-    C, of which only the direction counts, and centroid_lr times lr for them (ours): at 1x they lagged."""
+    """SGD with momentum 0.9 on encoder_q, at lr (for the batch: scaled_lr); no weight decay on the centroids C, of
+    which only the direction counts, and centroid_lr x lr for them (ours, not ablated: C follows moving features)."""
     rest = [p for name, p in model.encoder_q.named_parameters() if name != "C"]
     C = {"params": [model.encoder_q.C], "lr": lr * centroid_lr, "weight_decay": 0.0}
     return torch.optim.SGD([{"params": rest}, C], lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -367,8 +369,8 @@ def epoch_views(images: torch.Tensor, epoch: int, batch_size: int, seed: int, de
         yield augment(x, size, g, rng), augment(x, size, g, rng)
 
 def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, device, precision: str, history: list):
-    """Epochs len(history)+1 .. args.epochs of train_step, each ending with its record in history and metrics.json,
-    the kNN monitor and a checkpoint. Returns the last epoch's features (train, test) if it extracted them."""
+    """Epochs len(history)+1 .. args.epochs of train_step, each recorded in history and metrics.json; kNN every
+    --eval-every epochs, a checkpoint every --save-minutes, both at the end. Returns the last (train, test) features."""
     # --view-scale 0.75 costs (3/4)^2 of a step and loses little: crops enlarge objects (FixRes, Touvron 2019)
     steps, size = len(data.train) // args.batch_size, round(args.view_scale * data.image_size)
     last_save, feats, compiling = time.time(), None, args.compile
@@ -426,7 +428,7 @@ def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, devic
             last_save = time.time()
     return feats
 
-# ============================ 5. Evaluation: weighted kNN, linear probe ============================
+# ================= 5. Evaluation: weighted kNN, linear probe, compactness and separation =================
 @torch.no_grad()
 def features(backbone: nn.Module, data, device, precision="fp32", batch_size=512):
     """Backbone features (float32, on `device`) of the unaugmented training and test images, in eval mode (batch
@@ -440,13 +442,16 @@ def features(backbone: nn.Module, data, device, precision="fp32", batch_size=512
 def knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, chunk=1024) -> float:
     """Top-1 accuracy (%) of weighted kNN (Wu et al. 2018, MoCo's monitor): each of the k nearest
     training features (cosine similarity) votes for its class with weight exp(similarity / t)."""
+    expect(train_x.dim() == test_x.dim() == 2 and train_x.shape[1] == test_x.shape[1] and train_y.shape ==
+           train_x.shape[:1] and test_y.shape == test_x.shape[:1], "knn_accuracy",
+           "train_x [N, F], train_y [N], test_x [N_test, F], test_y [N_test]", train_x, train_y, test_x, test_y)
     dev, correct = train_x.device, 0
     train_x = F.normalize(train_x.float(), dim=1)                      # train_x: [N, F]
-    test_x = F.normalize(test_x.to(dev).float(), dim=1)                # test_x: [T, F]
-    train_y, test_y = train_y.to(dev), test_y.to(dev)                  # [N], [T]
+    test_x = F.normalize(test_x.to(dev).float(), dim=1)                # test_x: [N_test, F]
+    train_y, test_y = train_y.to(dev), test_y.to(dev)                  # [N], [N_test]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     for i in range(0, len(test_x), chunk):
-        sim = test_x[i:i + chunk] @ train_x.t()                        # sim: [M, N]
+        sim = test_x[i:i + chunk] @ train_x.t()                        # sim: [M, N], M <= chunk
         top_sim, top_idx = sim.topk(min(k, len(train_x)), dim=1)       # [M, k]
         votes = torch.zeros(len(sim), num_classes, device=dev)         # votes: [M, classes]
         votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp())
@@ -455,19 +460,20 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, chunk=1024) -> 
 
 @torch.no_grad()
 def class_geometry(x: torch.Tensor, y: torch.Tensor) -> tuple:
-    """The paper's two claims, for features x [N, F] of classes y [N]: compactness, the mean cosine of each x_i with
-    its class's mean direction mu_y (1: a point); separation, the mean cosine of two classes' mu (lower: apart)."""
+    """The paper's two claims for features x [N, F] of classes y [N]: intra-class compactness, the mean cosine of each
+    x_i with its class's mean direction mu_y (1: a point); inter-class separation, the mean cos(mu_c, mu_c')."""
+    expect(x.dim() == 2 and y.shape == x.shape[:1], "class_geometry", "features x [N, F], labels y [N]", x, y)
     x = F.normalize(x.float(), dim=1)                                  # x: [N, F]
-    y = y.to(x.device).unique(return_inverse=True)[1]                  # y: [N], classes 0..C-1
-    mu = F.normalize(F.one_hot(y).to(x.dtype).t() @ x, dim=1)          # mu: [C, F]
-    cos, C = mu @ mu.t(), len(mu)                                      # cos: [C, C]
-    separation = (cos.sum() - cos.diagonal().sum()) / max(1, C * (C - 1))   # the mean over c != c'
+    y = y.to(x.device).unique(return_inverse=True)[1]                  # y: [N], classes 0..n-1
+    mu = F.normalize(F.one_hot(y).to(x.dtype).t() @ x, dim=1)          # mu: [n, F]
+    cos, n = mu @ mu.t(), len(mu)                                      # cos: [n, n]
+    separation = (cos.sum() - cos.diagonal().sum()) / max(1, n * (n - 1))   # the mean over c != c'
     return (x * mu[y]).sum(1).mean().item(), separation.item()         # mean_i cos(x_i, mu_{y_i}), separation
 
 @torch.enable_grad()   # also when called under no_grad, as report() is
 def linear_probe(train_x, train_y, test_x, test_y, epochs=100, batch_size=256, lr=1e-2, seed=0) -> float:
-    """Top-1 (%) of a linear layer on frozen, standardised features: seconds; the usual protocol
-    (100 epochs of augmented images) scores a little higher."""
+    """Top-1 (%) of a linear layer on frozen, standardised features of unaugmented images: seconds; the usual
+    protocol, 100 epochs of augmented images through the frozen backbone, scores a little higher."""
     g, dev = torch.Generator().manual_seed(seed), train_x.device
     mu, sd = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6   # [1, F]
     xtr, xte = (train_x - mu) / sd, (test_x.to(dev) - mu) / sd
@@ -534,10 +540,10 @@ def hungarian(cost: list) -> list:
     return [j - 1 for j in sorted(range(1, n + 1), key=lambda j: match[j])]   # columns in row order
 
 def contingency(pred: torch.Tensor, target: torch.Tensor):
-    """Contingency table n_ij (points of cluster i in class j) [P, T], the cluster and class values."""
+    """Contingency table n_ij (points of cluster i in class j) [P, classes], the cluster and class values."""
     p_vals, p = pred.long().cpu().unique(return_inverse=True)
     t_vals, t = target.long().cpu().unique(return_inverse=True)
-    table = torch.zeros(len(p_vals), len(t_vals), dtype=torch.float64)   # table: [P, T]
+    table = torch.zeros(len(p_vals), len(t_vals), dtype=torch.float64)   # table: [P, classes]
     table.index_put_((p, t), torch.ones(len(p), dtype=torch.float64), accumulate=True)
     return table, p_vals, t_vals
 
@@ -555,10 +561,8 @@ def cluster_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
     n, a, b = table.sum(), table.sum(1), table.sum(0)                  # a: [P], b: [T]
     nz = table > 0
     mi = (table[nz] / n * torch.log(table[nz] * n / (a[:, None] * b[None, :])[nz])).sum()   # I(P; T)
-    def entropy(c):
-        return -(c[c > 0] / n * torch.log(c[c > 0] / n)).sum()
-    def pairs(c):
-        return (c * (c - 1) / 2).sum()
+    entropy = lambda c: -(c[c > 0] / n * torch.log(c[c > 0] / n)).sum()   # noqa: E731
+    pairs = lambda c: (c * (c - 1) / 2).sum()                          # noqa: E731, the pairs within each part
     h_sum = entropy(a) + entropy(b)
     nmi = 1.0 if h_sum == 0 else (2 * mi / h_sum).item()               # I / mean(H(P), H(T))
     expected = pairs(a) * pairs(b) / max(1.0, pairs(n.reshape(1)).item())   # the index by chance
@@ -594,19 +598,18 @@ def tsne(x: torch.Tensor, perplexity=30.0, seed=0, iters=750) -> torch.Tensor:
         w = 1 / (1 + torch.cdist(y, y) ** 2)                           # w: [N, N]
         w.fill_diagonal_(0)
         Q = (w / w.sum()).clamp_min(1e-12)                             # Q_ij: [N, N]
-        m = (exaggeration * P - Q) * w                                 # m: [N, N]
+        a = (exaggeration * P - Q) * w                                 # a: [N, N]
         # dC/dy_i = 4 sum_j (p_ij - q_ij) w_ij (y_i - y_j)
-        grad = 4 * (m.sum(1, keepdim=True) * y - m @ y)                # grad: [N, 2]
+        grad = 4 * (a.sum(1, keepdim=True) * y - a @ y)                # grad: [N, 2]
         gains = torch.where((grad > 0) == (update > 0), gains * 0.8, gains + 0.2).clamp_min(0.01)   # [N, 2]
         update = momentum * update - lr * gains * grad                 # update: [N, 2]
         y = y + update
         y = y - y.mean(0)                                              # y: [N, 2]
     return y
 
-# ============= 7. Figures (matplotlib's object API: no global state, no display needed) =============
+# ============= 7. Figures: what the features group together, what kNN sees, how training went =============
 def plot_tsne(y, labels, clusters, classes: list, path: str, title: str = "", what="k-means cluster"):
     """The t-SNE coloured by true class, and by cluster (`what` kind) in the colour of its matched class."""
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(13, 6.2), dpi=110)
     cmap = "tab10" if len(classes) <= 10 else "tab20"
     for ax, c, name in zip(fig.subplots(1, 2), (labels, clusters), ("true class", what)):
@@ -623,7 +626,6 @@ def plot_tsne(y, labels, clusters, classes: list, path: str, title: str = "", wh
 
 def plot_grid(images: list, names: list, path: str, title: str = ""):
     """Rows of images (uint8 [3, S, S], None: blank), each named on its left: the gallery, the neighbours."""
-    from matplotlib.figure import Figure
     size = next(x for row in images for x in row if x is not None).shape[-1]
     blank = torch.full((3, size, size), 255, dtype=torch.uint8)
     grid = torchvision.utils.make_grid([blank if x is None else x for row in images for x in row],
@@ -638,7 +640,6 @@ def plot_grid(images: list, names: list, path: str, title: str = ""):
 def plot_curves(history: list, path: str, title: str = "", K_c: int = 0):
     """The two losses, the kNN monitor and the largest cluster's share of a batch, against the epochs; shaded:
     the epochs in which lambda still rises."""
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(14, 3.8), dpi=110)
     rising = [h["epoch"] for h in history if h.get("lambda_clu", 0) < max(h.get("lambda_clu", 0) for h in history)]
     panels = [("loss_contrastive", "L_con", "contrastive loss (both directions)", "mean of the epoch's steps"),
@@ -751,7 +752,7 @@ def load_cifar(name: str, root: str, limit_train=0, limit_test=0, seed=0) -> Dat
 # and batch 512 for the MoCo CIFAR-10 notebook's 800 epochs (the paper publishes no schedule). "gpu" (ours)
 # stops at 200, which a free Colab T4 session can finish, for about 95% of the accuracy (the notebook: 85.3%
 # kNN at 200 epochs, 89.7% at 800). "laptop" (ours) trains a narrow network on all the images for 16 epochs
-# of 24-px views, in 8 32-px epochs' time. "lab" (ours): width 8 for 5 epochs, minutes a run, for the exercises.
+# of 24-px views, each (3/4)^2 of a 32-px one. "lab" (ours): width 8 for 5 epochs, minutes a run, for the exercises.
 PRESETS = {"full": {}, "gpu": {"epochs": 200},
            "laptop": {"width": 16, "batch_size": 256, "epochs": 16, "view_scale": 0.75, "eval_every": 4},
            "lab": {"width": 8, "batch_size": 256, "epochs": 5, "view_scale": 0.75, "eval_every": 0}}
@@ -884,8 +885,8 @@ def setup_device(name: str) -> torch.device:
     return device
 
 def pick_precision(device, precision: str = "auto") -> tuple:
-    """(precision, why). auto: bf16 where native (CUDA 8.0+; CPUs with AVX512-BF16 or AMX), fp16 and a gradient
-    scaler on older GPUs (T4, V100), else fp32: other CPUs emulate bf16, 15x slower; MPS fails in both."""
+    """(precision, why). auto: bf16 where native (GPUs of compute capability 8.0+, CPUs with AVX512-BF16 or AMX),
+    fp16 and a gradient scaler on older GPUs (T4, V100), else fp32: other CPUs emulate bf16, 15x slower."""
     if precision != "auto":
         return precision, "--precision"
     if device.type == "cuda":
@@ -963,7 +964,73 @@ def write_json(path: str, obj):
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
 
-# =============== 11. Main: data, model, resume, train, evaluate, figures, metrics.json ===============
+# ========= 11. Main: the final report (scores, figures, metrics.json), and the run from data to it =========
+def method_name(args) -> str:
+    plugin = "" if args.clustering_loss == "cueco_clustering_loss" else f" with {args.clustering_loss}"
+    return f"CueCo{plugin}" if args.lambda_clu else "MoCo-v2 (lambda_clu 0)"
+
+@torch.no_grad()
+def report(args, model, data, device, precision, history, feats=None) -> dict:
+    """kNN, linear probe, compactness and separation, NMI/ARI/ACC of k-means on the backbone's features and of
+    the own clusters (head_); the figures; metrics.json. feats: the last epoch's features, if any."""
+    f_train, f_test = feats or features(model.encoder_q.backbone, data, device, precision)
+    final = {"knn": knn_accuracy(f_train, data.train_y, f_test, data.test_y)}
+    final["linear"] = linear_probe(f_train, data.train_y, f_test, data.test_y, seed=args.seed)
+    final["compactness"], final["separation"] = class_geometry(f_test, data.test_y)
+    clusters = kmeans(f_test, len(data.classes), seed=args.seed)       # clusters: [N_test]
+    final.update(cluster_metrics(clusters, data.test_y))
+    own = model.K_c > 0   # the model's own clusters: each test image's nearest centroid
+    if own:
+        z = F.normalize(model.encoder_q.projector(f_test), dim=1)      # z: [N_test, D]
+        clusters = cosines(z, model.encoder_q.C).argmax(dim=1)        # clusters: [N_test]
+        final.update({"head_" + k: v for k, v in cluster_metrics(clusters, data.test_y).items()})
+        final["largest_head_cluster"] = torch.bincount(clusters).max().item() / len(clusters)   # 1: collapsed
+
+    name, what = data_name(args), "own cluster (argmax z.C)" if own else "k-means cluster"
+    title = f"{method_name(args)} on {name}, epoch {len(history)}"
+    path = lambda figure: os.path.join(args.figures_dir, f"{figure}_{name}.png")   # noqa: E731
+    matched = match_clusters(clusters, data.test_y)   # each test image's cluster, named as its class
+    if args.tsne_points:
+        idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0)   # idx: [n]
+        emb = tsne(f_test[idx.to(device)], seed=args.seed)             # emb: [n, 2]
+        nmi = final["head_nmi" if own else "nmi"]
+        plot_tsne(emb, data.test_y[idx], matched[idx], data.classes, path("tsne"),
+                  f"{title}: t-SNE of {len(idx)} test images' backbone features; the clusters' NMI {nmi:.3f}", what)
+    # what the network groups without labels: the largest clusters (up to 20), each by 10 of its test images spread
+    # evenly over it, named by its size and the share of its most common class
+    (table, ids, labels), rows, names = contingency(clusters, data.test_y), [], []   # table: [P, classes]
+    for i in table.sum(1).argsort(descending=True)[:20].tolist():     # clusters with members, largest first
+        members = (clusters.cpu() == ids[i]).nonzero()[:, 0]           # members: [n_i], in the test set's order
+        shown = members[torch.linspace(0, len(members) - 1, min(10, len(members))).long()].tolist()
+        rows.append([data.test[j] for j in shown] + [None] * (10 - len(shown)))
+        names.append(f"{table[i].sum():.0f}: {table[i].max() / table[i].sum():.0%} "
+                     f"{data.classes[labels[table[i].argmax()]]}")
+    plot_grid(rows, names, path("clusters"), f"{title}\n10 test images of each {what}, largest first; left: its "
+              f"size: the share of its most common class")
+    # kNN made concrete: one test image of each class (up to 10), then its 8 nearest training images
+    frame = lambda x, v: torch.stack([F.pad(x[c], [2] * 4, value=v[c]) for c in range(3)])   # noqa: E731
+    pick = balanced_subset(data.test_y, min(10, len(data.classes)), seed=args.seed).tolist()
+    sim = F.normalize(f_test[pick], dim=1) @ F.normalize(f_train, dim=1).t()   # sim: [n, N], cosines
+    near = sim.topk(min(8, len(f_train)), dim=1).indices.cpu()         # near: [n, 8], as kNN's voters
+    hits = (data.train_y[near] == data.test_y[pick][:, None]).tolist() # hits: [n, 8]
+    rows = [[frame(data.test[i], (128, 128, 128))] + [frame(data.train[j].cpu(), (0, 60, 200) if hit else
+            (255, 255, 255)) for j, hit in zip(row, hit_row)] for i, row, hit_row in zip(pick, near.tolist(), hits)]
+    plot_grid(rows, [f"{data.classes[data.test_y[i]]}: {sum(h)} of {len(h)}" for i, h in zip(pick, hits)],
+              path("neighbours"), f"{title}\none random test image per class (grey frame), then its nearest training "
+              f"images by the backbone's features, framed if of its class; left: its class, how many of 8 share it")
+    if history:
+        plot_curves(history, path("curves"), f"{title}: clustering weight lambda {args.lambda_clu}, "
+                    f"{model.K_c} centroids, {model.G} groups", model.K_c)
+    write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), epochs=history, final=final))
+    scores = lambda p, s="": ", ".join(f"{m.upper()} {final[p + m + s]:.3f}" for m in ("nmi", "ari", "acc"))  # noqa
+    print(f"final: kNN {final['knn']:.2f}%, linear probe {final['linear']:.2f}%, compactness "
+          f"{final['compactness']:.3f}, separation {final['separation']:.3f} | k-means of the backbone's "
+          f"features: {scores('')}" + (f" | own clusters (argmax z.C): {scores('head_')}, the largest "
+                                       f"{final['largest_head_cluster']:.0%}" if own else ""))
+    saved = " and checkpoint.pt" if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ""
+    print(f"wrote metrics.json{saved} to {args.out}, the figures to {args.figures_dir}")
+    return final
+
 def run(argv=None, clustering_loss=None) -> dict:
     args, loss_fn = parse_args(argv), clustering_loss or cueco_clustering_loss
     if getattr(args, "clustering_loss", loss_fn.__name__) != loss_fn.__name__:   # --resume: the run's own
@@ -1017,72 +1084,6 @@ def run(argv=None, clustering_loss=None) -> dict:
         then = "finish the evaluation" if epoch == args.epochs else "continue"
         raise CueCoError(f"{what}; the checkpoint of epoch {epoch} is in {path}; {then} with: "
                          f"python cueco.py --resume {path}") from None
-
-def method_name(args) -> str:
-    plugin = "" if args.clustering_loss == "cueco_clustering_loss" else f" with {args.clustering_loss}"
-    return f"CueCo{plugin}" if args.lambda_clu else "MoCo-v2 (lambda_clu 0)"
-
-@torch.no_grad()
-def report(args, model, data, device, precision, history, feats=None) -> dict:
-    """kNN, linear probe, compactness and separation, NMI/ARI/ACC of k-means on the backbone's features and of
-    the own clusters (head_); the figures; metrics.json. feats: the last epoch's features, if any."""
-    f_train, f_test = feats or features(model.encoder_q.backbone, data, device, precision)
-    final = {"knn": knn_accuracy(f_train, data.train_y, f_test, data.test_y)}
-    final["linear"] = linear_probe(f_train, data.train_y, f_test, data.test_y, seed=args.seed)
-    final["compactness"], final["separation"] = class_geometry(f_test, data.test_y)
-    clusters = kmeans(f_test, len(data.classes), seed=args.seed)       # clusters: [N_test]
-    final.update(cluster_metrics(clusters, data.test_y))
-    z = F.normalize(model.encoder_q.projector(f_test), dim=1)          # z: [N_test, D]
-    own = model.K_c > 0   # the model's own clusters: each test image's nearest centroid
-    if own:
-        clusters = cosines(z, model.encoder_q.C).argmax(dim=1)        # clusters: [N_test]
-        final.update({"head_" + k: v for k, v in cluster_metrics(clusters, data.test_y).items()})
-        final["largest_head_cluster"] = torch.bincount(clusters).max().item() / len(clusters)   # 1: collapsed
-
-    name, what = data_name(args), "own cluster (argmax z.C)" if own else "k-means cluster"
-    title = f"{method_name(args)} on {name}, epoch {len(history)}"
-    path = lambda figure: os.path.join(args.figures_dir, f"{figure}_{name}.png")   # noqa: E731
-    matched = match_clusters(clusters, data.test_y)   # each test image's cluster, named as its class
-    if args.tsne_points:
-        idx = balanced_subset(data.test_y, min(args.tsne_points, len(f_test)), seed=0)   # idx: [n]
-        emb = tsne(f_test[idx.to(device)], seed=args.seed)             # emb: [n, 2]
-        nmi = final["head_nmi" if own else "nmi"]
-        plot_tsne(emb, data.test_y[idx], matched[idx], data.classes, path("tsne"),
-                  f"{title}: t-SNE of {len(idx)} test images' backbone features; the clusters' NMI {nmi:.3f}", what)
-    # what the network groups without labels: the largest clusters (up to 20), each by 10 of its test images spread
-    # evenly over it, named by its size and the share of its most common class
-    (table, ids, labels), rows, names = contingency(clusters, data.test_y), [], []   # table: [P, classes]
-    for i in table.sum(1).argsort(descending=True)[:20].tolist():     # clusters with members, largest first
-        members = (clusters.cpu() == ids[i]).nonzero()[:, 0]           # members: [n_i], in the test set's order
-        shown = members[torch.linspace(0, len(members) - 1, min(10, len(members))).long()].tolist()
-        rows.append([data.test[j] for j in shown] + [None] * (10 - len(shown)))
-        names.append(f"{table[i].sum():.0f}: {table[i].max() / table[i].sum():.0%} "
-                     f"{data.classes[labels[table[i].argmax()]]}")
-    plot_grid(rows, names, path("clusters"), f"{title}\n10 test images of each {what}, largest first; left: its "
-              f"size: the share of its most common class")
-    # kNN made concrete: one test image of each class (up to 10), then its 8 nearest training images
-    frame = lambda x, v: torch.stack([F.pad(x[c], [2] * 4, value=v[c]) for c in range(3)])   # noqa: E731
-    pick = balanced_subset(data.test_y, min(10, len(data.classes)), seed=args.seed).tolist()
-    sim = F.normalize(f_test[pick], dim=1) @ F.normalize(f_train, dim=1).t()   # sim: [n, N], cosines
-    near = sim.topk(min(8, len(f_train)), dim=1).indices.cpu()         # near: [n, 8], as kNN's voters
-    hits = (data.train_y[near] == data.test_y[pick][:, None]).tolist() # hits: [n, 8]
-    rows = [[frame(data.test[i], (128, 128, 128))] + [frame(data.train[j].cpu(), (0, 60, 200) if hit else
-            (255, 255, 255)) for j, hit in zip(row, hit_row)] for i, row, hit_row in zip(pick, near.tolist(), hits)]
-    plot_grid(rows, [f"{data.classes[data.test_y[i]]}: {sum(h)} of {len(h)}" for i, h in zip(pick, hits)],
-              path("neighbours"), f"{title}\none random test image per class (grey frame), then its nearest training "
-              f"images by the backbone's features, framed if of its class; left: its class, how many of 8 share it")
-    if history:
-        plot_curves(history, path("curves"), f"{title}: clustering weight lambda {args.lambda_clu}, "
-                    f"{model.K_c} centroids, {model.G} groups", model.K_c)
-    write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), epochs=history, final=final))
-    scores = lambda p, s="": ", ".join(f"{m.upper()} {final[p + m + s]:.3f}" for m in ("nmi", "ari", "acc"))  # noqa
-    print(f"final: kNN {final['knn']:.2f}%, linear probe {final['linear']:.2f}%, compactness "
-          f"{final['compactness']:.3f}, separation {final['separation']:.3f} | k-means of the backbone's "
-          f"features: {scores('')}" + (f" | own clusters (argmax z.C): {scores('head_')}, the largest "
-                                       f"{final['largest_head_cluster']:.0%}" if own else ""))
-    saved = " and checkpoint.pt" if os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else ""
-    print(f"wrote metrics.json{saved} to {args.out}, the figures to {args.figures_dir}")
-    return final
 
 def main(argv=None, clustering_loss=None) -> dict:
     """The whole script for argv (None: sys.argv), with your clustering_loss(q1, q2, k1, k2, model) if given.

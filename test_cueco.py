@@ -2292,10 +2292,15 @@ def wrong_inputs():
          "batch_groups expected q, z [N, D] of one shape, got float32 [4, 8], float32 [4, 6]"),
         ("a clustering loss of shape [N]", lambda: tiny_model(clustering_loss=lambda q1, *rest: q1.sum(1))(*views),
          ValueError, "<lambda> expected to return a scalar, got float32 [8]"),
+        ("knn_accuracy: labels [N, 1]", lambda: cueco.knn_accuracy(odd[0], torch.zeros(3, 1), odd[0], torch.zeros(3)),
+         ValueError, "knn_accuracy expected train_x [N, F], train_y [N], test_x [N_test, F], test_y [N_test], got "
+         "float32 [3, 16, 16], float32 [3, 1], float32 [3, 16, 16], float32 [3]"),
+        ("class_geometry: fewer labels", lambda: cueco.class_geometry(unit(5, 8), torch.arange(4)), ValueError,
+         "class_geometry expected features x [N, F], labels y [N], got float32 [5, 8], int64 [4]"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(13))
 def test_wrong_input_to_a_reusable_piece_says_in_one_line_what_it_expected(case):
     name, call, error, message = wrong_inputs()[case]
     with pytest.raises(error) as e:
