@@ -229,7 +229,7 @@ class CueCo(nn.Module):
         with torch.autocast(x1.device.type, enabled=False):   # logits / T and / tau need float32
             l_con = contrastive_loss(q1, k2, self.queue, self.T) + contrastive_loss(q2, k1, self.queue, self.T)
             l_clu = self.clustering_loss(q1, q2, k1, k2, self)        # a scalar
-        expect(torch.is_tensor(l_clu) and l_clu.dim() == 0, self.clustering_loss.__name__, "to return a scalar", l_clu)
+        expect(torch.is_tensor(l_clu) and l_clu.dim() == 0, "CueCo", "clustering_loss to return a scalar", l_clu)
         return l_con, l_clu, torch.cat([k1, k2]), q1
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,7 +397,7 @@ def train(args, model: CueCo, optimizer, scheduler, scaler, forward, data, devic
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 avg = (sums / (step + 1)).tolist()   # the epoch's means so far: one host sync
                 if not all(map(math.isfinite, avg)):
-                    part = "L_con" if math.isfinite(avg[2]) else f"L_clu, from {model.clustering_loss.__name__}"
+                    part = "L_con" if math.isfinite(avg[2]) else f"L_clu, from {args.clustering_loss}"
                     raise CueCoError(f"the loss became NaN/inf in epoch {epoch} ({part}); the last checkpoint "
                                      f"is kept in {args.out}; try a lower --lr")
                 # the rate since the epoch's first progress line, not slowed by cuDNN's autotuning before it
@@ -490,8 +490,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=100, batch_size=256, l
             loss.backward()
             opt.step()
             sched.step()
-    with torch.no_grad():
-        return 100.0 * (head(xte).argmax(1) == yte).float().mean().item()
+    return 100.0 * (head(xte).argmax(1) == yte).float().mean().item()
 
 # ================ 6. Clustering metrics (k-means, NMI, ARI, matched accuracy) and t-SNE ================
 @torch.no_grad()
@@ -1033,10 +1032,11 @@ def report(args, model, data, device, precision, history, feats=None) -> dict:
 
 def run(argv=None, clustering_loss=None) -> dict:
     args, loss_fn = parse_args(argv), clustering_loss or cueco_clustering_loss
-    if getattr(args, "clustering_loss", loss_fn.__name__) != loss_fn.__name__:   # --resume: the run's own
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)   # a function's, or a partial's or an object's class
+    if getattr(args, "clustering_loss", name) != name:   # --resume: the run's own
         raise CueCoError(f"--resume {args.resume} trained with the clustering loss {args.clustering_loss}: pass "
                          f"it again, main(argv, clustering_loss={args.clustering_loss})")
-    args.clustering_loss = loss_fn.__name__   # in metrics.json and the checkpoint
+    args.clustering_loss = name   # in metrics.json and the checkpoint
     make_dirs(args)   # first: an unwritable --out or --figures-dir is found before any data loads
     device = setup_device(args.device)
     precision, why = pick_precision(device, args.precision)

@@ -5,6 +5,7 @@ end to end. CPU only, a few minutes on 2 cores:
     python -m pytest -q test_cueco.py
 """
 import copy
+import functools
 import itertools
 import json
 import math
@@ -2228,6 +2229,14 @@ def test_a_students_clustering_loss_trains_through_main_with_every_figure_and_me
     assert len(calls) == 4 and len(json.loads((out / "metrics.json").read_text())["epochs"]) == 2
 
 
+def test_a_plugin_without_a_name_of_its_own_runs_under_its_class_name(tmp_path):
+    """functools.partial and callable objects have no __name__: the run names the plug-in by its class."""
+    folder, out = make_folder(tmp_path / "d", n_per_class=8), tmp_path / "r"
+    plugin = functools.partial(cueco.cueco_clustering_loss)
+    cueco.main(tiny_args(folder, out, "--epochs", "1", "--tsne-points", "0"), clustering_loss=plugin)
+    assert json.loads((out / "metrics.json").read_text())["args"]["clustering_loss"] == "partial"
+
+
 def test_the_default_clustering_loss_is_the_models_own_and_lambda_scales_a_plugin():
     """CueCo() uses cueco_clustering_loss; a plug-in's value is L_clu, which the step weighs by lambda."""
     assert tiny_model().clustering_loss is cueco.cueco_clustering_loss
@@ -2291,7 +2300,7 @@ def wrong_inputs():
         ("batch_groups: q and z differ", lambda: cueco.batch_groups(unit(4, 8), unit(4, 6), 2), ValueError,
          "batch_groups expected q, z [N, D] of one shape, got float32 [4, 8], float32 [4, 6]"),
         ("a clustering loss of shape [N]", lambda: tiny_model(clustering_loss=lambda q1, *rest: q1.sum(1))(*views),
-         ValueError, "<lambda> expected to return a scalar, got float32 [8]"),
+         ValueError, "CueCo expected clustering_loss to return a scalar, got float32 [8]"),
         ("knn_accuracy: labels [N, 1]", lambda: cueco.knn_accuracy(odd[0], torch.zeros(3, 1), odd[0], torch.zeros(3)),
          ValueError, "knn_accuracy expected train_x [N, F], train_y [N], test_x [N_test, F], test_y [N_test], got "
          "float32 [3, 16, 16], float32 [3, 1], float32 [3, 16, 16], float32 [3]"),

@@ -44,8 +44,8 @@ MUTANTS = [
      "self.clustering_loss = cueco_clustering_loss"),
     ("main's plug-in not passed on", "return run(argv, clustering_loss)", "return run(argv)"),
     ("a plug-in's non-scalar passes", "expect(torch.is_tensor(l_clu) and l_clu.dim() == 0,", "expect(True,"),
-    ("a resumed plug-in run without its loss", "!= loss_fn.__name__:   # --resume", "!= loss_fn.__name__ and False:   # --resume"),
-    ("the plug-in's name not recorded", "args.clustering_loss = loss_fn.__name__   #",
+    ("a resumed plug-in run without its loss", "!= name:   # --resume", "!= name and False:   # --resume"),
+    ("the plug-in's name not recorded", "args.clustering_loss = name   #",
      "args.clustering_loss = \"cueco_clustering_loss\"   #"),
     ("the NaN line blames L_con for L_clu", 'part = "L_con" if math.isfinite(avg[2])', 'part = "L_con" if True'),
     # wrong input
