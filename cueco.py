@@ -68,7 +68,7 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator | None, rng: random.R
     blur = H > 64
     u = torch.rand((29 + blur) * b, device=x.device, generator=g)      # u: [29 B] (30 B with blur), U(0, 1)
     area_u, aspect_u = u[:10 * b].view(b, 10), u[10 * b:20 * b].view(b, 10)   # [B, 10] each
-    top_u, left_u, flip_u, jitter_u, bright_u, contrast_u, sat_u, hue_u, gray_u, *blur_u = u[20 * b:].view(-1, b)
+    top_u, left_u, flip_u, jitter_u, bright_u, contrast_u, sat_u, hue_u, gray_u, *blur_u = u[20 * b:].view(-1, b)  # [B]
 
     x = x.float() / 255                                                # x: [B, 3, H, W]
     # Random resized crop, torchvision's rule: 10 tries of area ~ U(0.2, 1) * H * W and log-aspect
@@ -454,7 +454,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, chunk=1024) -> 
         sim = test_x[i:i + chunk] @ train_x.t()                        # sim: [M, N], M <= chunk
         top_sim, top_idx = sim.topk(min(k, len(train_x)), dim=1)       # [M, k]
         votes = torch.zeros(len(sim), num_classes, device=dev)         # votes: [M, classes]
-        votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp())
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp())   # each of k voters: [M, k] classes, weights
         correct += (votes.argmax(dim=1) == test_y[i:i + chunk]).sum().item()
     return 100.0 * correct / len(test_x)
 
@@ -476,7 +476,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=100, batch_size=256, l
     protocol, 100 epochs of augmented images through the frozen backbone, scores a little higher."""
     g, dev = torch.Generator().manual_seed(seed), train_x.device
     mu, sd = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6   # [1, F]
-    xtr, xte = (train_x - mu) / sd, (test_x.to(dev) - mu) / sd
+    xtr, xte = (train_x - mu) / sd, (test_x.to(dev) - mu) / sd     # [N, F], [N_test, F]
     ytr, yte = train_y.to(dev), test_y.to(dev)
     with torch.random.fork_rng(devices=[]):   # a seeded head, the global random state untouched
         torch.manual_seed(seed)
@@ -501,7 +501,7 @@ def kmeans(x: torch.Tensor, k: int, iters=100, seed=0) -> torch.Tensor:
     for _ in range(1, k):   # k-means++: the next centre drawn with probability ~ squared distance
         d2 = torch.cdist(x, centers).min(dim=1).values ** 2                # d2: [N]
         pick = torch.multinomial(d2.cpu() + 1e-12, 1, generator=g)         # pick: [1]
-        centers = torch.cat([centers, x[pick.to(x.device)]])
+        centers = torch.cat([centers, x[pick.to(x.device)]])          # centers: [2..k, F]
     for _ in range(iters):
         onehot = F.one_hot(torch.cdist(x, centers).argmin(dim=1), k).float()   # onehot: [N, k]
         counts = onehot.sum(0)[:, None]                                    # counts: [k, 1]
@@ -688,7 +688,7 @@ def decode(samples: list, transform, size: int, workers: int) -> torch.Tensor:
     out = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
     load = functools.partial(read_batch, transform)   # a module function: workers that spawn can pickle it
     for i, x in enumerate(DataLoader(samples, 256, num_workers=workers, collate_fn=load)):
-        out[256 * i:256 * i + len(x)] = x                              # x: [256, 3, S, S]
+        out[256 * i:256 * i + len(x)] = x                              # x: [<= 256, 3, S, S]
     return out
 
 def read_batch(transform, samples: list) -> torch.Tensor:
